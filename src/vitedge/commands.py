@@ -1,0 +1,281 @@
+"""What each CLI command does, as plain functions returning the contract's JSON objects.
+
+The CLI (``cli.py``) only parses options and renders; everything here is callable from Python and tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_model
+
+from vitedge import __version__
+from vitedge.api import config_to_dict, describe, optimize_
+from vitedge.data import as_tensor_batches, open_dataset
+from vitedge.measure.bench import BenchConfig, bench
+from vitedge.measure.cost import analyze
+from vitedge.measure.evaluate import evaluate
+from vitedge.models import OPTIMIZED_MANIFEST, Encoder, load
+from vitedge.options import parse_options, parse_sweep
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"--{name} must be a positive integer, got {value}")
+
+
+def build_model(model_id: str, configs: list[Any], *, img_size: int | None, weights: Path | None) -> Encoder:
+    enc = load(model_id, weights=weights, img_size=img_size)
+    return optimize_(enc, *configs) if configs else enc
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        transient=True,
+        disable=console is None,
+    )
+
+
+def variant_name(opts: list[str]) -> str:
+    return " ".join(opts) if opts else "baseline"
+
+
+def run_profile(
+    model_id: str,
+    *,
+    batch: int = 1,
+    dtype: str | None = None,
+    budget: str | None = None,
+    measure_memory: bool = False,
+    counted: bool = True,
+    img_size: int | None = None,
+    weights: Path | None = None,
+    opts: list[str] | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    from vitedge.measure.counted import count_flops
+    from vitedge.measure.memory import measure_peak_rss, parse_bytes, plan_batch
+
+    _check_positive("batch", batch)
+    configs = parse_options(opts or [])
+    enc = build_model(model_id, configs, img_size=img_size, weights=weights)
+    dtype = dtype or _DTYPE_NAMES.get(enc.compute_dtype, "fp32")
+    spec = enc.arch()
+    report = analyze(spec, batch=batch, dtype=dtype)
+    out: dict[str, Any] = {"model": model_id, "name": variant_name(opts or []), "batch": batch, "dtype": dtype}
+    out["img_size"] = list(enc.img_size)
+    out.update(report.to_json())
+    if counted:
+        torch.set_num_threads(threads)
+        c = count_flops(enc, enc.example_input(batch))
+        out["counted_flops"] = c.total
+        out["counted_over_analytic"] = c.total / out["flops"] if out["flops"] else None
+    if budget is not None:
+        plan = plan_batch(spec, budget_bytes=parse_bytes(budget), dtype=dtype)
+        out["max_batch"] = plan.max_batch
+        out["budget_bytes"] = parse_bytes(budget)
+        out["plan"] = plan.to_json()
+    if measure_memory:
+        if configs:
+            raise ValueError("--measure-memory measures the unmodified model; drop -O")
+        measured = measure_peak_rss(model_id, batch=batch, dtype=dtype, img_size=img_size, threads=threads)
+        out["measured_memory"] = measured.to_json()
+    return out
+
+
+def _default_eval_batch(enc: Encoder) -> int:
+    per_image = enc.arch().macs
+    return int(max(8, min(500, 4e10 // max(per_image, 1))))
+
+
+def run_eval(
+    model_id: str,
+    *,
+    data: str,
+    opts: list[str] | None = None,
+    batch: int | None = None,
+    limit: int | None = None,
+    reference: bool = False,
+    img_size: int | None = None,
+    weights: Path | None = None,
+    threads: int = 2,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    _check_positive("batch", batch)
+    _check_positive("limit", limit)
+    configs = parse_options(opts or [])
+    base = load(model_id, weights=weights, img_size=img_size)
+    models: dict[str, torch.nn.Module] = {"baseline": base}
+    if configs:
+        models[variant_name(opts or [])] = build_model(model_id, configs, img_size=img_size, weights=weights)
+    dataset = open_dataset(data, base.preprocess, limit=limit)
+    batch = batch or _default_eval_batch(base)
+    total = len(dataset)  # type: ignore[arg-type]
+    with _progress(console) as progress:
+        task = progress.add_task(f"eval {model_id} on {data}", total=total)
+        results = evaluate(
+            models,
+            as_tensor_batches(dataset, batch),
+            threads=threads,
+            progress=lambda n: progress.update(task, completed=n),
+        )
+    main = results[-1]
+    out: dict[str, Any] = {
+        "model": model_id,
+        "name": main.name,
+        "data": data,
+        "top1": main.top1,
+        "top5": main.top5,
+        "n": main.n,
+        "batch": batch,
+        "trained": base.info.trained,
+    }
+    if configs:
+        out["baseline_top1"] = results[0].top1
+        out["baseline_top5"] = results[0].top5
+    if reference or configs:
+        out["mean_cosine"] = main.mean_cosine if configs else 1.0
+        out["top1_agreement"] = main.top1_agreement if configs else 1.0
+    return out
+
+
+def run_bench(
+    model_id: str,
+    *,
+    opts: list[str] | None = None,
+    batch: int = 16,
+    threads: int = 2,
+    min_seconds: float = 3.0,
+    iters: int = 5,
+    img_size: int | None = None,
+    weights: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    _check_positive("batch", batch)
+    _check_positive("iters", iters)
+    configs = parse_options(opts or [])
+    models: dict[str, torch.nn.Module] = {"baseline": load(model_id, weights=weights, img_size=img_size)}
+    if configs:
+        models[variant_name(opts or [])] = build_model(model_id, configs, img_size=img_size, weights=weights)
+    cfg = BenchConfig(batch=batch, threads=threads, min_iters=iters, max_iters=max(iters, 200), min_seconds=min_seconds)
+    x = models["baseline"].example_input(batch)  # type: ignore[operator]
+    with _progress(console) as progress:
+        task = progress.add_task(f"bench {model_id}", total=None)
+        results = bench(models, x, cfg, progress=lambda i, _n: progress.update(task, completed=i))
+    return {
+        "model": model_id,
+        "baseline": results[0].to_json(),
+        "variants": [r.to_json() for r in results[1:]],
+    }
+
+
+def run_sweep(
+    model_id: str,
+    *,
+    opts: list[str] | None = None,
+    data: str | None = None,
+    batch: int = 16,
+    limit: int | None = None,
+    plot: Path | None = None,
+    threads: int = 2,
+    min_seconds: float = 2.0,
+    img_size: int | None = None,
+    weights: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    _check_positive("batch", batch)
+    _check_positive("limit", limit)
+    if not opts:
+        raise ValueError("sweep needs at least one -O option, e.g. -O merge:r=0..16")
+    stacks = parse_sweep(opts)
+    base = load(model_id, weights=weights, img_size=img_size)
+    variants = {
+        " ".join(describe(c) for c in stack): build_model(model_id, stack, img_size=img_size, weights=weights)
+        for stack in stacks
+    }
+    x = base.example_input(batch)
+    cfg = BenchConfig(batch=batch, threads=threads, min_iters=3, max_iters=100, min_seconds=min_seconds)
+    rows: list[dict[str, Any]] = []
+    base_ips: list[float] = []
+    with _progress(console) as progress:
+        task = progress.add_task(f"sweep {model_id}", total=len(variants))
+        # Each point is timed interleaved with the baseline, so its speed-up is immune to slow drift.
+        for name, variant in variants.items():
+            b, v = bench({"baseline": base, name: variant}, x, cfg)
+            base_ips.append(b.images_per_s)
+            rows.append(
+                {
+                    "name": name,
+                    "images_per_s": v.images_per_s,
+                    "speedup": v.speedup,
+                    "p50_ms": v.p50_ms,
+                    "macs": variant.arch().macs,
+                }
+            )
+            progress.advance(task)
+        baseline: dict[str, Any] = {
+            "name": "baseline",
+            "images_per_s": sorted(base_ips)[len(base_ips) // 2],
+            "macs": base.arch().macs,
+        }
+        if data is not None:
+            dataset = open_dataset(data, base.preprocess, limit=limit)
+            models: dict[str, torch.nn.Module] = {"baseline": base, **variants}
+            ev_task = progress.add_task(f"eval on {data}", total=len(dataset))  # type: ignore[arg-type]
+            results = evaluate(
+                models,
+                as_tensor_batches(dataset, _default_eval_batch(base)),
+                threads=threads,
+                progress=lambda n: progress.update(ev_task, completed=n),
+            )
+            baseline["top1"] = results[0].top1
+            for row, res in zip(rows, results[1:], strict=True):
+                row["top1"] = res.top1
+                row["mean_cosine"] = res.mean_cosine
+    out: dict[str, Any] = {"model": model_id, "batch": batch, "threads": threads, "baseline": baseline, "rows": rows}
+    if plot is not None:
+        from vitedge.report.plots import plot_sweep
+
+        plot_sweep(out, plot)
+        out["plot"] = str(plot)
+    return out
+
+
+def run_optimize(
+    model_id: str,
+    *,
+    opts: list[str] | None,
+    out: Path,
+    img_size: int | None = None,
+    weights: Path | None = None,
+) -> dict[str, Any]:
+    """Write ``out/vitedge.json`` and the unmodified weights; loading the directory re-applies the stack."""
+    configs = parse_options(opts or [])
+    if out.exists() and any(out.iterdir()) and not (out / OPTIMIZED_MANIFEST).is_file():
+        raise ValueError(f"--out {out} exists and is not a vitedge directory; choose an empty or new folder")
+    base = load(model_id, weights=weights, img_size=img_size)
+    optimize_(load(model_id, weights=weights, img_size=img_size), *configs)  # fail before writing anything
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(base, str(out / "base.safetensors"))
+    manifest = {
+        "format": 1,
+        "vitedge_version": __version__,
+        "base": model_id,
+        "img_size": img_size,
+        "configs": [config_to_dict(c) for c in configs],
+        "name": variant_name(opts or []),
+    }
+    (out / OPTIMIZED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"model": model_id, "out": str(out), "name": manifest["name"], "configs": manifest["configs"]}

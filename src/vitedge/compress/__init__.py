@@ -1,0 +1,1 @@
+"""Compression techniques: reduced precision, quantisation, structured pruning, distillation, sparsity."""

@@ -1,0 +1,97 @@
+"""Model ids -> Encoder. The only package that knows concrete model classes.
+
+Ids (``../shared/CONTRACT.md``): ``vit4mnist``; ``cifar-resnet``, ``cifar-vit``, ``cifar-swin`` (the project's
+trained CIFAR-10 models); ``timm:<name>``; ``hf:vit``, ``hf:clip-vision``, ``hf:siglip-vision``, ``hf:<dir>``;
+and a directory written by ``vitedge optimize --out DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, Preprocess, TokenLayout
+from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
+
+__all__ = [
+    "ArchSpec",
+    "AttentionView",
+    "AttnOp",
+    "BlockView",
+    "Encoder",
+    "LayerSpec",
+    "LinearOp",
+    "ModelInfo",
+    "Preprocess",
+    "TokenLayout",
+    "load",
+    "parse_model_id",
+]
+
+PROJECT_MODELS = ("cifar-resnet", "cifar-vit", "cifar-swin")
+OPTIMIZED_MANIFEST = "vitedge.json"
+
+
+def parse_model_id(model_id: str) -> tuple[str, str]:
+    """Split an id into (source, name); raise ValueError for anything that is not a model id."""
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise ValueError("model id must be a non-empty string such as 'vit4mnist' or 'timm:deit_tiny_patch16_224'")
+    if model_id == "vit4mnist":
+        return "vit4mnist", ""
+    if model_id in PROJECT_MODELS:
+        return "project", model_id
+    for prefix in ("timm:", "hf:"):
+        if model_id.startswith(prefix):
+            name = model_id[len(prefix) :]
+            if not name:
+                raise ValueError(f"model id {model_id!r} lacks a name after {prefix!r}")
+            return prefix[:-1], name
+    if (Path(model_id) / OPTIMIZED_MANIFEST).is_file():
+        return "optimized", model_id
+    raise ValueError(
+        f"unknown model id {model_id!r}; use vit4mnist, cifar-resnet, cifar-vit, cifar-swin, timm:<name>, "
+        "hf:vit, hf:clip-vision, hf:siglip-vision, hf:<dir>, or a directory written by 'vitedge optimize'"
+    )
+
+
+def load(model_id: str, *, weights: str | Path | None = None, img_size: int | None = None) -> Encoder:
+    """Build the encoder named by ``model_id`` in eval mode.
+
+    Args:
+        model_id: see the module docstring.
+        weights: a local ``.safetensors`` file for ``timm:`` models (and an override for ``vit4mnist``).
+        img_size: build the model for this square input size instead of its configured one.
+
+    Raises:
+        ValueError: unknown id, unsupported architecture, or weights that do not fit.
+        FileNotFoundError: weights or data root missing.
+    """
+    if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
+        raise ValueError(f"img_size must be a positive integer, got {img_size!r}")
+    source, name = parse_model_id(model_id)
+    if source == "vit4mnist":
+        from vitedge.models.vit4mnist import load_vit4mnist
+
+        if img_size not in (None, 28):
+            raise ValueError(f"vit4mnist takes 28x28 digits only, got img_size={img_size}")
+        return load_vit4mnist(weights)
+    if source == "timm":
+        from vitedge.models.timm_models import create_timm
+
+        return create_timm(name, weights=weights, img_size=img_size)
+    if source == "hf":
+        from vitedge.models.hf_models import create_hf
+
+        if weights is not None:
+            raise ValueError("--weights applies to timm: models; pass a local directory as hf:<dir> instead")
+        if img_size is not None:
+            raise ValueError("img_size is fixed by the Hugging Face config for hf: models")
+        return create_hf(name)
+    if source == "project":
+        from vitedge.models.project import load_project_model
+
+        return load_project_model(name, img_size=img_size)
+    from vitedge.models.saved import load_optimized
+
+    manifest = json.loads((Path(name) / OPTIMIZED_MANIFEST).read_text())
+    return load_optimized(Path(name), manifest)

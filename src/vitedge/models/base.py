@@ -1,0 +1,209 @@
+"""The Encoder view: one interface over ViT4MNIST, timm and Hugging Face vision encoders.
+
+Techniques (token merging, pruning, early exit, quantisation) and the measurement code see only this view:
+patch embedding, a list of blocks (each with its attention and MLP), the token layout (class, distillation
+and register tokens, grid size), the head, the preprocessing the weights expect, and an :class:`ArchSpec`
+for the cost model. Concrete model classes are known only to the adapters in this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitedge.models.spec import ArchSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preprocess:
+    """How raw images become the tensor a model expects.
+
+    Images are converted to ``in_chans`` channels, resized (short side to ``resize`` then centre-cropped
+    to ``img_size``; or straight to ``img_size`` when ``resize`` is None), scaled to [0, 1] and normalised
+    with ``mean``/``std``.
+    """
+
+    img_size: tuple[int, int]
+    in_chans: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: int | None = None
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean/std need {self.in_chans} values, got {self.mean} and {self.std}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
+
+    def with_img_size(self, size: int | tuple[int, int]) -> Preprocess:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        resize = None if self.resize is None else round(self.resize * hw[0] / self.img_size[0])
+        return Preprocess(
+            img_size=(int(hw[0]), int(hw[1])),
+            in_chans=self.in_chans,
+            mean=self.mean,
+            std=self.std,
+            resize=resize,
+            interpolation=self.interpolation,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenLayout:
+    """Where tokens sit in the sequence: prefix tokens first, then the patch grid in row-major order."""
+
+    num_cls: int = 1
+    num_dist: int = 0
+    num_reg: int = 0
+    grid: tuple[int, int] = (14, 14)
+
+    @property
+    def num_prefix(self) -> int:
+        return self.num_cls + self.num_dist + self.num_reg
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+
+@dataclass(eq=False, kw_only=True)
+class AttentionView:
+    """Handles on one attention module. ``qkv`` is a fused projection or None where q, k, v are separate."""
+
+    module: nn.Module
+    num_heads: int
+    head_dim: int
+    scale: float
+    qkv: nn.Linear | None
+    q: nn.Linear | None
+    k: nn.Linear | None
+    v: nn.Linear | None
+    proj: nn.Linear
+
+
+@dataclass(eq=False, kw_only=True)
+class BlockView:
+    """Handles on one transformer block (pre-norm: x + attn(norm1(x)); x + mlp(norm2(x)))."""
+
+    module: nn.Module
+    norm1: nn.Module
+    attn: AttentionView
+    norm2: nn.Module
+    mlp: nn.Module
+    stage: int = 0
+    window: tuple[int, int] | None = None  # None: global attention
+    shift: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """Identity of a loaded model: what it is and which weights it carries."""
+
+    model_id: str
+    family: str  # "vit" | "swin"
+    source: str  # "vit4mnist" | "timm" | "hf"
+    num_classes: int
+    trained: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Encoder(nn.Module):
+    """A vision encoder behind one uniform view. ``forward`` returns logits (or pooled features)."""
+
+    info: ModelInfo
+    preprocess: Preprocess
+    layout: TokenLayout
+
+    def __init__(self, *, info: ModelInfo, preprocess: Preprocess, layout: TokenLayout) -> None:
+        super().__init__()
+        self.info = info
+        self.preprocess = preprocess
+        self.layout = layout
+        # The technique configs applied by vitedge.optimize_, in order; part of the cache namespace.
+        self.applied: list[Any] = []
+        # Set by the bf16 technique in autocast mode: run the forward under torch.autocast with this dtype.
+        self.autocast_dtype: torch.dtype | None = None
+
+    # --- subclasses implement -------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> (B, N, D)
+        raise NotImplementedError
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, num_classes)
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> list[BlockView]:
+        raise NotImplementedError
+
+    def arch(self, img_size: tuple[int, int] | None = None) -> ArchSpec:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes)
+        """Logits (or pooled features) in float32, whatever precision the encoder computes in."""
+        self.check_input(x)
+        x = x.to(self.compute_dtype)
+        if self.autocast_dtype is not None:
+            with torch.autocast("cpu", dtype=self.autocast_dtype):
+                out = self.forward_head(self.forward_features(x))
+        else:
+            out = self.forward_head(self.forward_features(x))
+        return out.float()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the encoder's floating-point weights; inputs are cast to it."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.preprocess.img_size
+
+    def example_input(self, batch: int = 1, img_size: tuple[int, int] | None = None) -> torch.Tensor:
+        h, w = img_size or self.img_size
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(batch, self.preprocess.in_chans, h, w, generator=gen)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear ValueError for an input this encoder cannot take."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected images shaped (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.preprocess.in_chans:
+            raise ValueError(
+                f"{self.model_id} takes {self.preprocess.in_chans}-channel images, got {x.shape[1]} channels"
+            )
+
+    def weights_digest(self) -> str:
+        """SHA-256 over parameter and buffer names, shapes, dtypes and bytes (stable across processes)."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            t = t.detach().contiguous().cpu()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def extra_repr(self) -> str:
+        return f"model_id={self.model_id!r}, layout={self.layout}"

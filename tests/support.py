@@ -1,0 +1,33 @@
+"""Test support shared across test folders (importable thanks to pytest's pythonpath = tests)."""
+
+from __future__ import annotations
+
+import torch
+
+# One representative of every supported family: (model id, load kwargs).
+SUPPORTED: list[tuple[str, dict]] = [
+    ("vit4mnist", {}),
+    ("timm:deit_tiny_patch16_224", {}),
+    ("timm:deit_tiny_distilled_patch16_224", {}),
+    ("timm:vit_small_patch14_reg4_dinov2", {"img_size": 224}),
+    ("timm:vit_base_patch32_clip_224", {}),
+    ("timm:vit_base_patch16_siglip_224", {}),
+    ("timm:eva02_tiny_patch14_224", {}),
+    ("timm:swin_tiny_patch4_window7_224", {}),
+    ("hf:vit", {}),
+    ("hf:clip-vision", {}),
+    ("hf:siglip-vision", {}),
+]
+SUPPORTED_IDS = [m for m, _ in SUPPORTED]
+
+_cache: dict[str, torch.nn.Module] = {}
+
+
+def load_cached(model_id: str):
+    """Build a supported model once per session (tests must not modify it: load a fresh one for that)."""
+    from vitedge.models import load
+
+    if model_id not in _cache:
+        torch.manual_seed(0)
+        _cache[model_id] = load(model_id, **dict(SUPPORTED)[model_id])
+    return _cache[model_id]
