@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from support import SUPPORTED_IDS, load_cached
 
-os.environ.setdefault("VITEDGE_DATA", str((Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()))
+os.environ.setdefault(
+    "VITEDGE_DATA", str((Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve())
+)
 torch.set_num_threads(2)
 
 

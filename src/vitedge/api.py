@@ -27,8 +27,9 @@ _TECHNIQUE_MODULES = ("vitedge.compress.bf16",)
 _loaded = False
 
 
-def register(name: str) -> Callable[[Handler], Handler]:
-    """Register ``handler(model, config)`` for the config type in its annotation, under ``-O`` ``name``.
+def register(name: str, config_type: type | None = None) -> Callable[[Handler], Handler]:
+    """Register ``handler(model, config)`` under ``-O`` ``name`` for ``config_type`` (default: the type
+    annotated on the handler's ``config`` parameter, looked up in the handler's module).
 
     Usage::
 
@@ -37,10 +38,9 @@ def register(name: str) -> Callable[[Handler], Handler]:
     """
 
     def deco(handler: Handler) -> Handler:
-        hints = handler.__annotations__
-        cfg_type = hints.get("config")
+        cfg_type = config_type or handler.__annotations__.get("config")
         if isinstance(cfg_type, str):
-            cfg_type = getattr(importlib.import_module(handler.__module__), cfg_type)
+            cfg_type = getattr(importlib.import_module(handler.__module__), cfg_type, None)
         if not (isinstance(cfg_type, type) and dataclasses.is_dataclass(cfg_type)):
             raise TypeError(f"handler {handler.__name__} must annotate 'config' with a dataclass type")
         if not cfg_type.__dataclass_params__.frozen:  # type: ignore[attr-defined]
@@ -83,7 +83,7 @@ def config_name(config: Config) -> str:
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """JSON-ready form: ``{"name": ..., "params": {...}}`` (only fields that differ from defaults are implied)."""
+    """JSON-ready form: ``{"name": ..., "params": {...}}`` with every field of the config."""
     return {"name": config_name(config), "params": dataclasses.asdict(config)}
 
 
@@ -113,7 +113,9 @@ def optimize_(model: Encoder, *configs: Config) -> Encoder:
     """
     _ensure_loaded()
     if not isinstance(model, Encoder):
-        raise TypeError(f"optimize_ takes a vitedge Encoder (vitedge.models.load), got {type(model).__name__}")
+        raise TypeError(
+            f"optimize_ takes a vitedge Encoder (vitedge.models.load), got {type(model).__name__}"
+        )
     for config in configs:
         handler = _HANDLERS.get(type(config))
         if handler is None:

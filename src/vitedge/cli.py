@@ -30,13 +30,21 @@ app = typer.Typer(
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-ModelArg = Annotated[str, typer.Argument(help="vit4mnist, cifar-vit, timm:<name>, hf:vit, hf:<dir>, or an optimised dir")]
-OptOpt = Annotated[list[str] | None, typer.Option("-O", "--opt", help="NAME[:key=value,...]; repeat to stack")]
+ModelArg = Annotated[
+    str, typer.Argument(help="vit4mnist, cifar-vit, timm:<name>, hf:vit, hf:<dir>, or an optimised dir")
+]
+OptOpt = Annotated[
+    list[str] | None, typer.Option("-O", "--opt", help="NAME[:key=value,...]; repeat to stack")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch threads", min=1)]
 ImgOpt = Annotated[int | None, typer.Option("--img-size", help="input size (default: the model's)")]
-WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="local .safetensors weights for timm: models")]
-DataOpt = Annotated[str, typer.Option("--data", help="mnist, cifar10, imagenet-sample, or an ImageFolder dir")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", help="local .safetensors weights for timm: models")
+]
+DataOpt = Annotated[
+    str, typer.Option("--data", help="mnist, cifar10, imagenet-sample, or an ImageFolder dir")
+]
 
 
 def _emit(obj: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:
@@ -66,17 +74,26 @@ def _errors(fn: F) -> F:
 def profile(
     model: ModelArg,
     batch: Annotated[int, typer.Option("--batch", help="images per forward")] = 1,
-    dtype: Annotated[str, typer.Option("--dtype", help="fp32, bf16, fp16 or int8 for the byte counts")] = "fp32",
-    budget: Annotated[str | None, typer.Option("--budget", help="memory budget, e.g. 4GiB: report max_batch")] = None,
-    measure_memory: Annotated[bool, typer.Option("--measure-memory", help="check the planner in a subprocess")] = False,
-    counted: Annotated[bool, typer.Option("--counted/--no-counted", help="also count FLOPs by running the model")] = True,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="fp32, bf16, fp16 or int8 byte counts (default: the model's)"),
+    ] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="memory budget, e.g. 4GiB: report max_batch")
+    ] = None,
+    measure_memory: Annotated[
+        bool, typer.Option("--measure-memory", help="check the planner in a subprocess")
+    ] = False,
+    counted: Annotated[
+        bool, typer.Option("--counted/--no-counted", help="also count FLOPs by running the model")
+    ] = True,
     img_size: ImgOpt = None,
     weights: WeightsOpt = None,
     opt: OptOpt = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Analytic FLOPs/MACs, parameters, bytes and arithmetic intensity per layer, cross-checked by execution."""
+    """Analytic FLOPs/MACs, parameters, bytes and arithmetic intensity per layer, checked by execution."""
     result = run_profile(
         model,
         batch=batch,
@@ -98,7 +115,9 @@ def eval_(
     model: ModelArg,
     data: DataOpt = "mnist",
     opt: OptOpt = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="default: chosen from the model's cost")] = None,
+    batch: Annotated[
+        int | None, typer.Option("--batch", help="default: chosen from the model's cost")
+    ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="evaluate the first N images only")] = None,
     reference: Annotated[
         bool, typer.Option("--reference", help="compare the variant's outputs with the unmodified model")
@@ -131,7 +150,9 @@ def bench(
     opt: OptOpt = None,
     batch: Annotated[int, typer.Option("--batch", help="images per forward")] = 16,
     threads: ThreadsOpt = 2,
-    min_seconds: Annotated[float, typer.Option("--min-seconds", help="time each model at least this long")] = 3.0,
+    min_seconds: Annotated[
+        float, typer.Option("--min-seconds", help="time each model at least this long")
+    ] = 3.0,
     iters: Annotated[int, typer.Option("--iters", help="at least this many timed rounds")] = 5,
     img_size: ImgOpt = None,
     weights: WeightsOpt = None,
@@ -162,7 +183,9 @@ def sweep(
     limit: Annotated[int | None, typer.Option("--limit", help="evaluate the first N images only")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="write an accuracy/speed PNG here")] = None,
     threads: ThreadsOpt = 2,
-    min_seconds: Annotated[float, typer.Option("--min-seconds", help="time each point at least this long")] = 2.0,
+    min_seconds: Annotated[
+        float, typer.Option("--min-seconds", help="time each point at least this long")
+    ] = 2.0,
     img_size: ImgOpt = None,
     weights: WeightsOpt = None,
     as_json: JsonOpt = False,
@@ -199,8 +222,98 @@ def optimize(
     _emit(result, as_json, lambda r: err.print(f"wrote {r['out']} ({r['name']})"))
 
 
+@app.command("train")
+@_errors
+def train_(
+    model: Annotated[str, typer.Argument(help="cifar-resnet, cifar-vit, cifar-swin or timm:<name>")],
+    data: Annotated[
+        str | None, typer.Option("--data", help="cifar10, or a folder of <class>/<image> files")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="passes over the training images")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="images per step")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="weight decay")] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="adamw or sgd (Nesterov)")] = None,
+    momentum: Annotated[float | None, typer.Option("--momentum", help="SGD momentum")] = None,
+    warmup_epochs: Annotated[
+        float | None, typer.Option("--warmup-epochs", help="linear warm-up, then cosine")
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option("--label-smoothing", help="label smoothing")
+    ] = None,
+    augment: Annotated[str | None, typer.Option("--augment", help="none, basic, cutout or trivial")] = None,
+    mixup: Annotated[float | None, typer.Option("--mixup", help="mixup Beta alpha (0: off)")] = None,
+    cutmix: Annotated[float | None, typer.Option("--cutmix", help="cutmix Beta alpha (0: off)")] = None,
+    drop_path: Annotated[float | None, typer.Option("--drop-path", help="stochastic depth rate")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="seed of weights, order, augmentation")] = None,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="distil from this model id")] = None,
+    hard_distill: Annotated[bool, typer.Option("--hard-distill", help="DeiT hard distillation")] = False,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="KD temperature (4)")] = None,
+    ce_weight: Annotated[float | None, typer.Option("--ce-weight", help="task cross-entropy weight")] = None,
+    kd_weight: Annotated[float | None, typer.Option("--kd-weight", help="soft KD weight")] = None,
+    hard_weight: Annotated[
+        float | None, typer.Option("--hard-weight", help="hard distillation weight")
+    ] = None,
+    feature_weight: Annotated[
+        float | None, typer.Option("--feature-weight", help="feature MSE weight")
+    ] = None,
+    attention_weight: Annotated[
+        float | None, typer.Option("--attention-weight", help="attention MSE weight")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="train on N images spread over the set")
+    ] = None,
+    eval_limit: Annotated[int | None, typer.Option("--eval-limit", help="evaluate on N test images")] = None,
+    eval_batch: Annotated[
+        int | None, typer.Option("--eval-batch", help="images per evaluation forward")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option("--max-minutes", help="time budget (refits epochs)")
+    ] = None,
+    stop_after_minutes: Annotated[
+        float | None, typer.Option("--stop-after-minutes", help="pause after")
+    ] = None,
+    stop_after_steps: Annotated[
+        int | None, typer.Option("--stop-after-steps", help="pause after N steps")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option("--checkpoint-every", help="checkpoint every N steps")
+    ] = None,
+    log_every: Annotated[int | None, typer.Option("--log-every", help="progress every N steps")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="run folder (default runs/<model>)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run checkpointed in --out")] = False,
+    install: Annotated[
+        bool, typer.Option("--install", help="copy the weights into vitedge/models/weights/")
+    ] = False,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train or distil a model (CIFAR-10 or an ImageFolder), with checkpoints that --resume exactly."""
+    import shlex
+
+    import torch
+
+    from vitedge.train.run import config_from_options, default_out, resume_config, run_train
+
+    options = {
+        k: v for k, v in locals().items() if k not in ("model", "resume", "install", "threads", "as_json")
+    }
+    torch.set_num_threads(threads)
+    if resume:
+        config = resume_config(model, out or default_out(model), options)
+    else:
+        config = config_from_options(model, options)
+    command = shlex.join(["vitedge", *sys.argv[1:]])
+    result = run_train(config, resume=resume, install_weights=install, console=err, command=command)
+    _emit(result, as_json, lambda r: err.print(r, highlight=False))
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     app()
 
 

@@ -74,7 +74,12 @@ def run_profile(
     dtype = dtype or _DTYPE_NAMES.get(enc.compute_dtype, "fp32")
     spec = enc.arch()
     report = analyze(spec, batch=batch, dtype=dtype)
-    out: dict[str, Any] = {"model": model_id, "name": variant_name(opts or []), "batch": batch, "dtype": dtype}
+    out: dict[str, Any] = {
+        "model": model_id,
+        "name": variant_name(opts or []),
+        "batch": batch,
+        "dtype": dtype,
+    }
     out["img_size"] = list(enc.img_size)
     out.update(report.to_json())
     if counted:
@@ -169,7 +174,9 @@ def run_bench(
     models: dict[str, torch.nn.Module] = {"baseline": load(model_id, weights=weights, img_size=img_size)}
     if configs:
         models[variant_name(opts or [])] = build_model(model_id, configs, img_size=img_size, weights=weights)
-    cfg = BenchConfig(batch=batch, threads=threads, min_iters=iters, max_iters=max(iters, 200), min_seconds=min_seconds)
+    cfg = BenchConfig(
+        batch=batch, threads=threads, min_iters=iters, max_iters=max(iters, 200), min_seconds=min_seconds
+    )
     x = models["baseline"].example_input(batch)  # type: ignore[operator]
     with _progress(console) as progress:
         task = progress.add_task(f"bench {model_id}", total=None)
@@ -244,7 +251,13 @@ def run_sweep(
             for row, res in zip(rows, results[1:], strict=True):
                 row["top1"] = res.top1
                 row["mean_cosine"] = res.mean_cosine
-    out: dict[str, Any] = {"model": model_id, "batch": batch, "threads": threads, "baseline": baseline, "rows": rows}
+    out: dict[str, Any] = {
+        "model": model_id,
+        "batch": batch,
+        "threads": threads,
+        "baseline": baseline,
+        "rows": rows,
+    }
     if plot is not None:
         from vitedge.report.plots import plot_sweep
 

@@ -38,14 +38,25 @@ def main() -> int:
             ev = run_eval(model, data=data, opts=opts, batch=batch, console=console)
             be = run_bench(model, opts=opts, batch=batch, min_seconds=2.0, console=console)
             base_row = {
-                "model": model, "variant": "baseline", "data": data, "top1": ev["baseline_top1"],
-                "macs": prof["macs"], "images_per_s": be["baseline"]["images_per_s"], "batch": batch,
+                "model": model,
+                "variant": "baseline",
+                "data": data,
+                "top1": ev["baseline_top1"],
+                "macs": prof["macs"],
+                "images_per_s": be["baseline"]["images_per_s"],
+                "batch": batch,
             }
             var = be["variants"][0]
             var_row = {
-                "model": model, "variant": var["name"], "data": data, "top1": ev["top1"],
-                "baseline_top1": ev["baseline_top1"], "macs": run_profile(model, opts=opts, counted=False)["macs"],
-                "images_per_s": var["images_per_s"], "speedup": var["speedup"], "batch": batch,
+                "model": model,
+                "variant": var["name"],
+                "data": data,
+                "top1": ev["top1"],
+                "baseline_top1": ev["baseline_top1"],
+                "macs": run_profile(model, opts=opts, counted=False)["macs"],
+                "images_per_s": var["images_per_s"],
+                "speedup": var["speedup"],
+                "batch": batch,
             }
             rows += [base_row, var_row]
     Console().print(summary_table(rows, "vitedge demo: accuracy on real data and speed, same run, 2 threads"))

@@ -114,12 +114,12 @@ def parse_option(text: str, *, allow_range: bool = False) -> list[Config]:
     ranged = [k for k, v in kwargs.items() if len(v) > 1]
     if len(ranged) > 1:
         raise ValueError(f"-O {text!r}: only one parameter may carry a range, got {ranged}")
-    key = ranged[0] if ranged else None
+    range_key = ranged[0] if ranged else None
     base = {k: v[0] for k, v in kwargs.items()}
-    variants = kwargs[key] if key else [None]
+    variants = kwargs[range_key] if range_key else [None]
     configs = []
     for v in variants:
-        args = dict(base, **({key: v} if key else {}))
+        args = dict(base, **({range_key: v} if range_key else {}))
         try:
             configs.append(cls(**args))
         except TypeError as e:

@@ -7,8 +7,8 @@ import json
 import pytest
 import timm
 import torch
-from support import SUPPORTED_IDS, load_cached
 
+from support import SUPPORTED_IDS, load_cached
 from vitedge.models import load, parse_model_id
 from vitedge.models.base import Encoder
 
@@ -52,7 +52,11 @@ def test_blocks_view(any_model: Encoder) -> None:
 
 @pytest.mark.parametrize(
     ("name", "gmacs"),
-    [("vit_base_patch16_224", 17.56), ("deit_tiny_patch16_224", 1.254), ("swin_tiny_patch4_window7_224", 4.49)],
+    [
+        ("vit_base_patch16_224", 17.56),
+        ("deit_tiny_patch16_224", 1.254),
+        ("swin_tiny_patch4_window7_224", 4.49),
+    ],
 )
 def test_known_macs(name: str, gmacs: float) -> None:
     enc = load(f"timm:{name}")
@@ -118,8 +122,16 @@ def test_hf_directory_roundtrip(tmp_path) -> None:
     src = load_cached("hf:clip-vision")
     src.model.save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(
-        json.dumps({"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
-                    "do_center_crop": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 3})
+        json.dumps(
+            {
+                "size": {"shortest_edge": 224},
+                "crop_size": {"height": 224, "width": 224},
+                "do_center_crop": True,
+                "image_mean": [0.5] * 3,
+                "image_std": [0.5] * 3,
+                "resample": 3,
+            }
+        )
     )
     enc = load(f"hf:{tmp_path}")
     x = enc.example_input(1)
@@ -161,10 +173,15 @@ def test_corrupt_and_mismatched_weights(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         load("timm:deit_tiny_patch16_224", weights=other)
     with pytest.raises(ValueError, match="no pickle"):
-        load("timm:deit_tiny_patch16_224", weights=tmp_path.joinpath("x.pth").write_bytes(b"x") and tmp_path / "x.pth")
+        load(
+            "timm:deit_tiny_patch16_224",
+            weights=tmp_path.joinpath("x.pth").write_bytes(b"x") and tmp_path / "x.pth",
+        )
 
 
-@pytest.mark.parametrize("model_id", ["vit4mnist", "timm:deit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize(
+    "model_id", ["vit4mnist", "timm:deit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224"]
+)
 def test_bad_images(model_id: str) -> None:
     enc = load_cached(model_id)
     h, w = enc.img_size

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from support import load_cached
 
+from support import load_cached
 from vitedge.data import as_tensor_batches, open_dataset
 from vitedge.measure.evaluate import evaluate
 

@@ -24,6 +24,7 @@ __all__ = [
     "ModelInfo",
     "Preprocess",
     "TokenLayout",
+    "build_untrained",
     "load",
     "parse_model_id",
 ]
@@ -35,7 +36,9 @@ OPTIMIZED_MANIFEST = "vitedge.json"
 def parse_model_id(model_id: str) -> tuple[str, str]:
     """Split an id into (source, name); raise ValueError for anything that is not a model id."""
     if not isinstance(model_id, str) or not model_id.strip():
-        raise ValueError("model id must be a non-empty string such as 'vit4mnist' or 'timm:deit_tiny_patch16_224'")
+        raise ValueError(
+            "model id must be a non-empty string such as 'vit4mnist' or 'timm:deit_tiny_patch16_224'"
+        )
     if model_id == "vit4mnist":
         return "vit4mnist", ""
     if model_id in PROJECT_MODELS:
@@ -95,3 +98,30 @@ def load(model_id: str, *, weights: str | Path | None = None, img_size: int | No
 
     manifest = json.loads((Path(name) / OPTIMIZED_MANIFEST).read_text())
     return load_optimized(Path(name), manifest)
+
+
+def build_untrained(model_id: str, *, num_classes: int, img_size: int | None = None) -> Encoder:
+    """A randomly initialised model to train, in train mode: a project id (``cifar-resnet``, ``cifar-vit``,
+    ``cifar-swin``) or ``timm:<name>`` with its classifier resized to ``num_classes``.
+
+    Raises:
+        ValueError: any other id, or an ``img_size`` the model cannot take.
+    """
+    source, name = parse_model_id(model_id)
+    if source == "project":
+        from vitedge.models.cifar import CIFAR_IMG_SIZE, build_project_model
+
+        if img_size not in (None, CIFAR_IMG_SIZE):
+            raise ValueError(f"{model_id} takes 32x32 images; got data of size {img_size}")
+        return build_project_model(name, num_classes=num_classes).train()
+    if source == "timm":
+        import dataclasses
+        from typing import Any, cast
+
+        from vitedge.models.timm_models import create_timm
+
+        enc = create_timm(name, img_size=img_size)
+        cast(Any, enc).model.reset_classifier(num_classes)
+        enc.info = dataclasses.replace(enc.info, num_classes=num_classes)
+        return enc.train()
+    raise ValueError(f"training takes cifar-resnet, cifar-vit, cifar-swin or timm:<name>, got {model_id!r}")

@@ -137,5 +137,9 @@ def vit_arch(
     spec = ArchSpec(family="vit", img_size=(h, w), in_chans=enc.preprocess.in_chans, layers=tuple(layers))
     other = param_count([enc]) - spec.params
     return ArchSpec(
-        family="vit", img_size=(h, w), in_chans=enc.preprocess.in_chans, layers=tuple(layers), other_params=other
+        family="vit",
+        img_size=(h, w),
+        in_chans=enc.preprocess.in_chans,
+        layers=tuple(layers),
+        other_params=other,
     )

@@ -38,7 +38,9 @@ class Preprocess:
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"mean/std need {self.in_chans} values, got {self.mean} and {self.std}")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
-            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}"
+            )
 
     def with_img_size(self, size: int | tuple[int, int]) -> Preprocess:
         hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -149,6 +151,13 @@ class Encoder(nn.Module):
 
     def arch(self, img_size: tuple[int, int] | None = None) -> ArchSpec:
         raise NotImplementedError
+
+    def set_distilled_training(self, enable: bool) -> bool:
+        """In train mode, make ``forward_head`` return ``(class_logits, distillation_logits)`` (DeiT).
+
+        Returns False, changing nothing, when the model has no distillation head.
+        """
+        return False
 
     # --- shared ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from vitedge.models._arch import global_block_layers, linear_ops, param_count, vit_arch
+from vitedge.models._arch import linear_ops, param_count, vit_arch
 from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, Preprocess, TokenLayout
 from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
 
@@ -20,7 +21,7 @@ _SWIN_CLASSES = ("SwinTransformer",)
 _BLOCK_PARTS = ("norm1", "attn", "norm2", "mlp")
 
 
-def _attention_view(attn: nn.Module) -> AttentionView:
+def _attention_view(attn: Any) -> AttentionView:
     qkv = getattr(attn, "qkv", None)
     heads = int(attn.num_heads)
     proj = attn.proj
@@ -38,7 +39,7 @@ def _attention_view(attn: nn.Module) -> AttentionView:
     )
 
 
-def _preprocess(model: nn.Module) -> Preprocess:
+def _preprocess(model: Any) -> Preprocess:
     cfg = timm.data.resolve_data_config({}, model=model)
     # The pretrained config keeps its own size even when the model was built with img_size=; trust the model.
     h, w = (int(v) for v in model.patch_embed.img_size)
@@ -57,7 +58,7 @@ def _preprocess(model: nn.Module) -> Preprocess:
 class TimmVit(Encoder):
     """timm VisionTransformer / VisionTransformerDistilled / Eva behind the Encoder view."""
 
-    def __init__(self, model: nn.Module, *, model_id: str) -> None:
+    def __init__(self, model: Any, *, model_id: str) -> None:
         odd = {type(b).__name__ for b in model.blocks if not all(hasattr(b, a) for a in _BLOCK_PARTS)}
         if odd:
             raise ValueError(
@@ -96,6 +97,12 @@ class TimmVit(Encoder):
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(feats)
 
+    def set_distilled_training(self, enable: bool) -> bool:
+        if not self.layout.num_dist or not hasattr(self.model, "set_distilled_training"):
+            return False
+        self.model.set_distilled_training(enable)
+        return True
+
     @property
     def blocks(self) -> list[BlockView]:
         return [
@@ -105,7 +112,9 @@ class TimmVit(Encoder):
 
     def arch(self, img_size: tuple[int, int] | None = None) -> ArchSpec:
         if img_size is not None and tuple(img_size) != self.img_size:
-            raise ValueError(f"{self.model_id} is built for {self.img_size}; load it with img_size={img_size}")
+            raise ValueError(
+                f"{self.model_id} is built for {self.img_size}; load it with img_size={img_size}"
+            )
         m = self.model
         proj = m.patch_embed.proj
         embed = LinearOp(
@@ -129,7 +138,7 @@ class TimmVit(Encoder):
             extra_head_ops=extra,
         )
 
-    def _attn_pool_ops(self, pool: nn.Module) -> tuple[LinearOp | AttnOp, ...]:
+    def _attn_pool_ops(self, pool: Any) -> tuple[LinearOp | AttnOp, ...]:
         """Ops of timm's AttentionPoolLatent (MAP head): latent queries attend over all tokens."""
         latent = int(pool.latent_len)
         n = self.layout.num_tokens
@@ -151,9 +160,9 @@ class TimmVit(Encoder):
 
 
 class TimmSwin(Encoder):
-    """timm SwinTransformer behind the Encoder view. Tokens leave ``forward_features`` flattened to (B, N, C)."""
+    """timm SwinTransformer behind the Encoder view; ``forward_features`` flattens tokens to (B, N, C)."""
 
-    def __init__(self, model: nn.Module, *, model_id: str) -> None:
+    def __init__(self, model: Any, *, model_id: str) -> None:
         super().__init__(
             info=ModelInfo(
                 model_id=model_id,
@@ -204,7 +213,9 @@ class TimmSwin(Encoder):
 
     def arch(self, img_size: tuple[int, int] | None = None) -> ArchSpec:
         if img_size is not None and tuple(img_size) != self.img_size:
-            raise ValueError(f"{self.model_id} is built for {self.img_size}; load it with img_size={img_size}")
+            raise ValueError(
+                f"{self.model_id} is built for {self.img_size}; load it with img_size={img_size}"
+            )
         m = self.model
         proj = m.patch_embed.proj
         gh, gw = self.layout.grid
@@ -241,7 +252,9 @@ class TimmSwin(Encoder):
                     extra_params=param_count([m.head]) - sum(op.params for op in head_ops),
                 )
             )
-        spec = ArchSpec(family="swin", img_size=(h, w), in_chans=self.preprocess.in_chans, layers=tuple(layers))
+        spec = ArchSpec(
+            family="swin", img_size=(h, w), in_chans=self.preprocess.in_chans, layers=tuple(layers)
+        )
         return ArchSpec(
             family="swin",
             img_size=(h, w),
@@ -251,7 +264,7 @@ class TimmSwin(Encoder):
         )
 
 
-def _swin_stage_layers(s: int, stage: nn.Module) -> list[LayerSpec]:
+def _swin_stage_layers(s: int, stage: Any) -> list[LayerSpec]:
     layers: list[LayerSpec] = []
     in_h, in_w = stage.input_resolution
     h, w = stage.output_resolution
@@ -321,7 +334,7 @@ def create_timm(name: str, *, weights: str | Path | None = None, img_size: int |
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown timm model {name!r}{hint}")
-    kwargs = {"img_size": img_size} if img_size else {}
+    kwargs: dict[str, Any] = {"img_size": img_size} if img_size else {}
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
@@ -342,8 +355,12 @@ def create_timm(name: str, *, weights: str | Path | None = None, img_size: int |
     return enc.eval()
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a safetensors state dict strictly; a mismatch names the offending keys."""
+def load_weights(model: Any, path: str | Path, *, derived: tuple[str, ...] = ()) -> None:
+    """Load a safetensors state dict strictly; a mismatch names the offending keys.
+
+    Keys ending in one of ``derived`` (buffers computed from the architecture, which some timm versions
+    save and others do not) may be absent from the file or extra in it; the model keeps its own values.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -354,6 +371,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     own = model.state_dict()
+    if derived:
+        state = {k: v for k, v in state.items() if k in own or not k.endswith(derived)}
+        state.update({k: v for k, v in own.items() if k not in state and k.endswith(derived)})
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     bad_shapes = [k for k, v in state.items() if k in own and own[k].shape != v.shape]

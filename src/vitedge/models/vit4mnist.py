@@ -115,8 +115,11 @@ class Vit4Mnist(Encoder):
                 norm2=b.norm2,
                 mlp=b.mlp,
             )
-            for b in self.blocks_
+            for b in self._typed_blocks()
         ]
+
+    def _typed_blocks(self) -> list[Vit4MnistBlock]:
+        return [b for b in self.blocks_ if isinstance(b, Vit4MnistBlock)]
 
     def arch(self, img_size: tuple[int, int] | None = None) -> ArchSpec:
         if img_size is not None and tuple(img_size) != self.img_size:

@@ -31,7 +31,13 @@ def print_profile(r: dict[str, Any], console: Console, *, max_layers: int = 40) 
     for i, layer in enumerate(shown):
         if len(layers) > max_layers and i == max_layers // 2:
             t.add_row(f"... {len(layers) - max_layers} more", "", "", "", "")
-        t.add_row(layer["name"], _g(layer["macs"]), _g(layer["params"]), _bytes(layer["bytes"]), f"{layer['intensity']:.1f}")
+        t.add_row(
+            layer["name"],
+            _g(layer["macs"]),
+            _g(layer["params"]),
+            _bytes(layer["bytes"]),
+            f"{layer['intensity']:.1f}",
+        )
     console.print(t)
     console.print(f"MACs {_g(r['macs'])}  FLOPs {_g(r['flops'])}  params {_g(r['params'])}")
     if "counted_flops" in r:
@@ -72,7 +78,10 @@ def print_bench(r: dict[str, Any], console: Console) -> None:
     for row in [b, *r["variants"]]:
         sp = row.get("speedup")
         t.add_row(
-            row["name"], f"{row['p50_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['images_per_s']:.1f}",
+            row["name"],
+            f"{row['p50_ms']:.2f}",
+            f"{row['p95_ms']:.2f}",
+            f"{row['images_per_s']:.1f}",
             "1.00x" if sp is None else f"{sp:.2f}x",
         )
     console.print(t)
@@ -83,10 +92,19 @@ def print_sweep(r: dict[str, Any], console: Console) -> None:
     t = Table(title=f"{r['model']} sweep: batch {r['batch']}, {r['threads']} threads")
     for col in ("setting", "MACs", "images/s", "speed-up", "top-1"):
         t.add_column(col, justify="left" if col == "setting" else "right")
-    t.add_row("baseline", _g(b["macs"]), f"{b['images_per_s']:.1f}", "1.00x", f"{b['top1']:.4f}" if "top1" in b else "")
+    t.add_row(
+        "baseline",
+        _g(b["macs"]),
+        f"{b['images_per_s']:.1f}",
+        "1.00x",
+        f"{b['top1']:.4f}" if "top1" in b else "",
+    )
     for row in r["rows"]:
         t.add_row(
-            row["name"], _g(row["macs"]), f"{row['images_per_s']:.1f}", f"{row['speedup']:.2f}x",
+            row["name"],
+            _g(row["macs"]),
+            f"{row['images_per_s']:.1f}",
+            f"{row['speedup']:.2f}x",
             f"{row['top1']:.4f}" if "top1" in row else "",
         )
     console.print(t)
@@ -101,10 +119,14 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
         t.add_column(col, justify="left" if col in ("model", "variant", "data") else "right")
     for row in rows:
         t.add_row(
-            row["model"], row["variant"], row.get("data", ""),
+            row["model"],
+            row["variant"],
+            row.get("data", ""),
             f"{row['top1']:.4f}" if row.get("top1") is not None else "",
             f"{row['baseline_top1']:.4f}" if row.get("baseline_top1") is not None else "",
-            f"{row['macs'] / 1e9:.3f}", f"{row['images_per_s']:.1f}",
-            f"{row['speedup']:.2f}x" if row.get("speedup") else "1.00x", str(row["batch"]),
+            f"{row['macs'] / 1e9:.3f}",
+            f"{row['images_per_s']:.1f}",
+            f"{row['speedup']:.2f}x" if row.get("speedup") else "1.00x",
+            str(row["batch"]),
         )
     return t

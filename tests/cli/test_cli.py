@@ -1,0 +1,119 @@
+"""The CLI through typer's runner: contract JSON keys and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vitedge.cli import app
+
+runner = CliRunner()
+
+
+def run_json(*args: str) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_profile_json_keys() -> None:
+    out = run_json("profile", "vit4mnist", "--budget", "4GiB")
+    for key in (
+        "macs",
+        "flops",
+        "counted_flops",
+        "params",
+        "weight_bytes",
+        "activation_bytes",
+        "max_batch",
+        "layers",
+    ):
+        assert key in out
+    assert out["flops"] == 2 * out["macs"]
+    assert out["params"] == 213_642
+    assert abs(out["counted_flops"] / out["flops"] - 1) < 0.01
+    assert {"name", "macs", "params", "bytes", "intensity"} <= set(out["layers"][0])
+
+
+def test_eval_vit4mnist_contract() -> None:
+    out = run_json("eval", "vit4mnist", "--data", "mnist")
+    assert out["n"] == 10_000 and abs(out["top1"] - 0.9791) < 0.0005 and "top5" in out
+
+
+def test_eval_with_variant_and_reference() -> None:
+    out = run_json("eval", "vit4mnist", "--data", "mnist", "-O", "bf16", "--limit", "500", "--reference")
+    assert out["n"] == 500
+    assert {"baseline_top1", "mean_cosine", "top1_agreement"} <= set(out)
+    assert out["mean_cosine"] > 0.999
+
+
+def test_bench_json_keys() -> None:
+    out = run_json("bench", "vit4mnist", "-O", "bf16", "--batch", "8", "--min-seconds", "0.2", "--iters", "3")
+    assert out["baseline"]["name"] == "baseline"
+    (variant,) = out["variants"]
+    assert variant["name"] == "bf16"
+    for key in ("batch", "threads", "p50_ms", "p95_ms", "images_per_s", "speedup"):
+        assert key in variant
+    assert variant["speedup"] == pytest.approx(variant["images_per_s"] / out["baseline"]["images_per_s"])
+
+
+def test_sweep_writes_plot(tmp_path) -> None:
+    png = tmp_path / "sweep.png"
+    out = run_json(
+        "sweep",
+        "vit4mnist",
+        "-O",
+        "bf16:mode=cast,autocast",
+        "--data",
+        "mnist",
+        "--limit",
+        "300",
+        "--batch",
+        "8",
+        "--min-seconds",
+        "0.2",
+        "--plot",
+        str(png),
+    )
+    assert [r["name"] for r in out["rows"]] == ["bf16", "bf16:mode=autocast"]
+    assert {"top1", "images_per_s", "speedup", "macs"} <= set(out["rows"][0])
+    assert "top1" in out["baseline"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optimize_dir_reloads(tmp_path) -> None:
+    out_dir = tmp_path / "opt"
+    run_json("optimize", "timm:deit_tiny_patch16_224", "-O", "bf16", "--out", str(out_dir))
+    from vitedge.models import load
+
+    enc = load(str(out_dir))
+    assert enc.compute_dtype.is_floating_point and str(enc.compute_dtype) == "torch.bfloat16"
+    again = run_json("profile", str(out_dir), "--no-counted")
+    assert again["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["profile", "nosuchmodel"], "unknown model id"),
+        (["profile", "vit4mnist", "--batch", "-2"], "positive"),
+        (["bench", "vit4mnist", "-O", "bf16:mode"], "not key=value"),
+        (["eval", "vit4mnist", "--data", "nosuchdata"], "unknown dataset"),
+        (["profile", "vit4mnist", "--budget", "lots"], "lots"),
+        (["sweep", "vit4mnist"], "at least one -O"),
+    ],
+)
+def test_errors_are_one_line(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_root(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("VITEDGE_DATA", str(tmp_path / "absent"))
+    result = runner.invoke(app, ["eval", "vit4mnist", "--data", "mnist"])
+    assert result.exit_code == 2 and "VITEDGE_DATA" in result.stderr
