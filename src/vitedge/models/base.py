@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,6 +94,10 @@ class AttentionView:
     k: nn.Linear | None
     v: nn.Linear | None
     proj: nn.Linear
+    q_norm: nn.Module | None = None  # per-head norm of q and k (timm qk_norm), applied before the product
+    k_norm: nn.Module | None = None
+    out_norm: nn.Module | None = None  # norm of the merged heads before proj (timm scale_norm)
+    rope: bool = False  # rotary position embedding (EVA): queries and keys depend on token positions
 
 
 @dataclass(eq=False, kw_only=True)
@@ -104,6 +109,8 @@ class BlockView:
     attn: AttentionView
     norm2: nn.Module
     mlp: nn.Module
+    ls1: nn.Module = field(default_factory=nn.Identity)  # layer scale on the attention branch
+    ls2: nn.Module = field(default_factory=nn.Identity)  # layer scale on the MLP branch
     stage: int = 0
     window: tuple[int, int] | None = None  # None: global attention
     shift: int = 0
@@ -216,3 +223,50 @@ class Encoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model_id={self.model_id!r}, layout={self.layout}"
+
+
+BlockRunner = Callable[["SequenceEncoder", torch.Tensor], torch.Tensor]
+
+
+class SequenceEncoder(Encoder):
+    """An encoder whose blocks all run on one token sequence (ViT, DeiT, CLIP, SigLIP, EVA, ViT4MNIST).
+
+    ``forward_features`` is ``final_norm(blocks(embed(x)))``. The block loop belongs to vitedge rather than to
+    the wrapped library, so a technique can replace it: token merging and pruning install a ``block_runner``
+    that walks :attr:`blocks` with fewer tokens. Without one, the native block modules run unchanged, so the
+    output is bit-identical to the wrapped model's.
+    """
+
+    def __init__(self, *, info: ModelInfo, preprocess: Preprocess, layout: TokenLayout) -> None:
+        super().__init__(info=info, preprocess=preprocess, layout=layout)
+        self.block_runner: BlockRunner | None = None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D) with prefix tokens
+        raise NotImplementedError
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        return x
+
+    def block_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def call_block(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    def check_size(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"{self.model_id} was built for {self.img_size} images, got {tuple(x.shape[-2:])}; "
+                "load it with img_size= (CLI: --img-size)"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N', D)
+        self.check_input(x)
+        self.check_size(x)
+        x = self.embed(x)
+        if self.block_runner is not None:
+            x = self.block_runner(self, x)
+        else:
+            for module in self.block_modules():
+                x = self.call_block(module, x)
+        return self.final_norm(x)

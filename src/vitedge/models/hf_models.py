@@ -13,7 +13,15 @@ import transformers as T
 from torch import nn
 
 from vitedge.models._arch import vit_arch
-from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, Preprocess, TokenLayout
+from vitedge.models.base import (
+    AttentionView,
+    BlockView,
+    Encoder,
+    ModelInfo,
+    Preprocess,
+    SequenceEncoder,
+    TokenLayout,
+)
 from vitedge.models.spec import ArchSpec, AttnOp, LinearOp
 
 _BUILTIN = {
@@ -61,7 +69,7 @@ def preprocess_from_processor(proc: dict[str, Any], image_size: int) -> Preproce
     )
 
 
-class HfVision(Encoder):
+class HfVision(SequenceEncoder):
     """A Hugging Face ViT / CLIP / SigLIP vision model behind the Encoder view."""
 
     def __init__(self, model: Any, *, model_id: str, preprocess: Preprocess) -> None:
@@ -95,25 +103,24 @@ class HfVision(Encoder):
             return inner.layers
         return _first(inner.encoder, "layers", "layer")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"{self.model_id} takes {self.img_size} images, got {tuple(x.shape[-2:])}")
-        # Run the stages by hand: calling the inner model would also run its pooler/head, which
-        # forward_head runs again (SigLIP's attention-pooling head costs 0.47 GFLOPs per image).
-        inner = self.inner
-        h = inner.embeddings(x)  # (B, N, D)
-        if self.kind.startswith("clip"):
-            h = inner.pre_layrnorm(h)
-        if hasattr(inner, "encoder"):
-            h = inner.encoder(inputs_embeds=h).last_hidden_state
-        else:
-            for layer in inner.layers:
-                h = layer(h, None)
-        for norm in ("layernorm", "post_layernorm"):
-            if hasattr(inner, norm) and not self.kind.startswith("clip"):
-                h = getattr(inner, norm)(h)
-        return h
+    # The stages run by hand: calling the inner model would also run its pooler/head, which forward_head
+    # runs again (SigLIP's attention-pooling head costs 0.47 GFLOPs per image).
+    def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
+        h = self.inner.embeddings(x)
+        return self.inner.pre_layrnorm(h) if self.kind.startswith("clip") else h
+
+    def block_modules(self) -> list[nn.Module]:
+        return list(self._layers)
+
+    def call_block(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = module(x, None)
+        return out[0] if isinstance(out, tuple) else out
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind.startswith("clip"):  # CLIP normalises only the pooled class token (forward_head)
+            return x
+        norm = getattr(self.inner, "layernorm", None) or getattr(self.inner, "post_layernorm", None)
+        return norm(x) if norm is not None else x
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, D)
         inner = self.inner

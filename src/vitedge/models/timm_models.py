@@ -13,7 +13,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from vitedge.models._arch import linear_ops, param_count, vit_arch
-from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, Preprocess, TokenLayout
+from vitedge.models.base import (
+    AttentionView,
+    BlockView,
+    Encoder,
+    ModelInfo,
+    Preprocess,
+    SequenceEncoder,
+    TokenLayout,
+)
 from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
 
 _VIT_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva")
@@ -21,7 +29,7 @@ _SWIN_CLASSES = ("SwinTransformer",)
 _BLOCK_PARTS = ("norm1", "attn", "norm2", "mlp")
 
 
-def _attention_view(attn: Any) -> AttentionView:
+def _attention_view(attn: Any, *, rope: bool = False) -> AttentionView:
     qkv = getattr(attn, "qkv", None)
     heads = int(attn.num_heads)
     proj = attn.proj
@@ -36,6 +44,10 @@ def _attention_view(attn: Any) -> AttentionView:
         k=getattr(attn, "k_proj", None),
         v=getattr(attn, "v_proj", None),
         proj=proj,
+        q_norm=getattr(attn, "q_norm", None),
+        k_norm=getattr(attn, "k_norm", None),
+        out_norm=getattr(attn, "norm", None),
+        rope=rope,
     )
 
 
@@ -55,7 +67,7 @@ def _preprocess(model: Any) -> Preprocess:
     )
 
 
-class TimmVit(Encoder):
+class TimmVit(SequenceEncoder):
     """timm VisionTransformer / VisionTransformerDistilled / Eva behind the Encoder view."""
 
     def __init__(self, model: Any, *, model_id: str) -> None:
@@ -85,14 +97,30 @@ class TimmVit(Encoder):
         )
         self.model = model
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if tuple(x.shape[-2:]) != self.img_size and not getattr(self.model, "dynamic_img_size", False):
-            raise ValueError(
-                f"{self.model_id} was built for {self.img_size} images, got {tuple(x.shape[-2:])}; "
-                "load it with img_size= (CLI: --img-size)"
-            )
-        return self.model.forward_features(x)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        # The same steps as timm's forward_features up to the blocks (VisionTransformer and Eva alike).
+        m = self.model
+        x = m.patch_embed(x)
+        if type(m).__name__ == "Eva":
+            # Eva's _pos_embed also returns the rotary embedding (per block when rope_mixed).
+            x, rope = m._pos_embed(x)
+            blocks = list(m.blocks)
+            mixed = getattr(m, "rope_mixed", False) and rope is not None
+            self._rope_by_block = {id(b): (rope[i] if mixed else rope) for i, b in enumerate(blocks)}
+            return m.norm_pre(x)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
+
+    def block_modules(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
+    def call_block(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        ropes = getattr(self, "_rope_by_block", None)
+        return module(x, rope=ropes.get(id(module))) if ropes is not None else module(x)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(feats)
@@ -105,8 +133,17 @@ class TimmVit(Encoder):
 
     @property
     def blocks(self) -> list[BlockView]:
+        rope = getattr(self.model, "rope", None) is not None
         return [
-            BlockView(module=b, norm1=b.norm1, attn=_attention_view(b.attn), norm2=b.norm2, mlp=b.mlp)
+            BlockView(
+                module=b,
+                norm1=b.norm1,
+                attn=_attention_view(b.attn, rope=rope),
+                norm2=b.norm2,
+                mlp=b.mlp,
+                ls1=getattr(b, "ls1", None) or nn.Identity(),
+                ls2=getattr(b, "ls2", None) or nn.Identity(),
+            )
             for b in self.model.blocks
         ]
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vitedge.models._arch import vit_arch
-from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, Preprocess, TokenLayout
+from vitedge.models.base import AttentionView, BlockView, ModelInfo, Preprocess, SequenceEncoder, TokenLayout
 from vitedge.models.spec import ArchSpec, LinearOp
 from vitedge.paths import data_root
 
@@ -50,7 +50,7 @@ class Vit4MnistBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class Vit4Mnist(Encoder):
+class Vit4Mnist(SequenceEncoder):
     def __init__(self, *, meta: dict[str, str]) -> None:
         size, patch = int(meta["image_size"]), int(meta["patch_size"])
         dim, depth, heads = int(meta["dim"]), int(meta["depth"]), int(meta["heads"])
@@ -77,20 +77,14 @@ class Vit4Mnist(Encoder):
         self.head = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, classes))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> (B, N, D)
-        self.check_input(x)
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"vit4mnist takes {self.img_size} images, got {tuple(x.shape[-2:])}")
         p = self.patch_size
         x = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for blk in self.blocks_:
-            x = blk(x)
-        return x
+    def block_modules(self) -> list[nn.Module]:
+        return list(self.blocks_)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, classes)
         return self.head(feats[:, 0])
