@@ -23,7 +23,13 @@ _BY_NAME: dict[str, type] = {}
 _NAME_OF: dict[type, str] = {}
 
 # Modules that register techniques; importing one registers its config and handler.
-_TECHNIQUE_MODULES = ("vitedge.compress.bf16",)
+_TECHNIQUE_MODULES = (
+    "vitedge.compress.bf16",
+    "vitedge.compress.quant",
+    "vitedge.compress.structured",
+    "vitedge.tokens.merge",
+    "vitedge.tokens.prune",
+)
 _loaded = False
 
 

@@ -153,7 +153,6 @@ def test_hf_directory_roundtrip(tmp_path) -> None:
         ("vit4mnist", {"img_size": 32}, "28x28"),
         ("timm:deit_tiny_patch16_224", {"img_size": -3}, "positive integer"),
         ("timm:deit_tiny_patch16_224", {"weights": "/no/such.safetensors"}, "does not exist"),
-        ("cifar-vit", {}, "train"),
     ],
 )
 def test_bad_model_ids(model_id: str, kwargs: dict, message: str) -> None:
@@ -198,3 +197,22 @@ def test_parse_model_id() -> None:
     assert parse_model_id("hf:vit") == ("hf", "vit")
     assert parse_model_id("cifar-vit") == ("project", "cifar-vit")
     assert set(SUPPORTED_IDS) >= {"vit4mnist", "hf:vit"}
+
+
+@pytest.mark.parametrize("model_id", ["timm:eva02_tiny_patch14_224", "timm:vit_small_patch14_reg4_dinov2"])
+def test_vitedge_block_loop_matches_timm(model_id: str) -> None:
+    """vitedge owns the block loop (so techniques can replace it); untouched, it equals timm's own forward."""
+    enc = load_cached(model_id)
+    x = enc.example_input(2)
+    with torch.no_grad():
+        assert torch.equal(enc(x), enc.model(x))
+
+
+@pytest.mark.parametrize("model_id", ["hf:vit", "hf:clip-vision", "hf:siglip-vision"])
+def test_hf_adapter_matches_transformers(model_id: str) -> None:
+    enc = load_cached(model_id)
+    x = enc.example_input(2)
+    with torch.no_grad():
+        ref = enc.inner(pixel_values=x)
+        assert torch.allclose(enc.forward_features(x), ref.last_hidden_state, atol=1e-5)
+        assert torch.allclose(enc(x), ref.pooler_output, atol=1e-5)

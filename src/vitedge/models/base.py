@@ -240,6 +240,8 @@ class SequenceEncoder(Encoder):
     def __init__(self, *, info: ModelInfo, preprocess: Preprocess, layout: TokenLayout) -> None:
         super().__init__(info=info, preprocess=preprocess, layout=layout)
         self.block_runner: BlockRunner | None = None
+        # What a token-reducing runner left after the last forward (tokens, sizes, sources); for drawing.
+        self.token_state: Any = None
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D) with prefix tokens
         raise NotImplementedError

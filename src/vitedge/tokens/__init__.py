@@ -1,0 +1,1 @@
+"""Token reduction: merging (ToMe), pruning (EViT-style and other scorers), complexity-adaptive keep rates."""

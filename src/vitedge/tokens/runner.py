@@ -1,0 +1,141 @@
+"""Running the blocks of a sequence encoder with a shrinking token set.
+
+A :class:`TokenState` carries the tokens, their sizes (how many original patches each token stands for) and,
+when asked, their sources (which original tokens each one holds). :func:`run_blocks` walks the Encoder view's
+blocks like the native pre-norm loop, but computes attention itself so it can add the log-size bias of
+proportional attention and hand the keys (for merging) or the class-token attention (for pruning) to a
+*reducer* that shrinks the state between the attention and the MLP of each block, where ToMe and EViT act.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vitedge.models.base import AttentionView, BlockView, SequenceEncoder
+
+
+@dataclass
+class TokenState:
+    """Tokens between blocks; the first ``num_prefix`` (class, distillation, register) are protected."""
+
+    x: torch.Tensor  # (B, N, D)
+    size: torch.Tensor | None  # (B, N, 1) patches per token; None while every size is 1
+    source: torch.Tensor | None  # (B, N, N0) 0/1 membership of original tokens; None unless tracked
+    num_prefix: int
+    prop_attn: bool = True  # add log(size) to the attention scores of the keys
+    index: torch.Tensor | None = None  # (B, N) original position of each token (-1: fused), pruning only
+
+
+@dataclass
+class AttentionInfo:
+    """What a reducer may look at: keys averaged over heads, and the class token's attention."""
+
+    keys: torch.Tensor | None  # (B, N, head_dim)
+    cls_attn: torch.Tensor | None  # (B, N) class-token attention averaged over heads
+    attn_rows: torch.Tensor | None  # (B, N, N) full attention averaged over heads, only when asked
+
+
+Reducer = Callable[[int, TokenState, AttentionInfo], TokenState]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Needs:
+    keys: bool = False
+    cls_attn: bool = False
+    attn_rows: bool = False
+
+
+def split_heads(view: AttentionView, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as (B, H, N, head_dim) from fused or separate projections."""
+    b, n, _ = x.shape
+    h, d = view.num_heads, view.head_dim
+    if view.qkv is not None:
+        q, k, v = view.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        assert view.q is not None and view.k is not None and view.v is not None
+        q, k, v = (lin(x).view(b, n, h, d).transpose(1, 2) for lin in (view.q, view.k, view.v))
+    if view.q_norm is not None:
+        q = view.q_norm(q)
+    if view.k_norm is not None:
+        k = view.k_norm(k)
+    return q, k, v
+
+
+def attend(
+    view: AttentionView, x: torch.Tensor, size: torch.Tensor | None, needs: Needs
+) -> tuple[torch.Tensor, AttentionInfo]:
+    """Multi-head attention of ``x`` (B, N, D) with the proportional-attention bias log(size) on the keys.
+
+    The bias goes to fused SDPA as an additive mask, so merged tokens keep the fused kernel.
+    """
+    b, n, _ = x.shape
+    q, k, v = split_heads(view, x)
+    bias = None if size is None else size.log().to(q.dtype).view(b, 1, 1, n)  # (B, 1, 1, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=view.scale)  # (B, H, N, d)
+    out = out.transpose(1, 2).reshape(b, n, -1)
+    if view.out_norm is not None:
+        out = view.out_norm(out)
+    out = view.proj(out)
+    info = AttentionInfo(keys=None, cls_attn=None, attn_rows=None)
+    if needs.keys:
+        info.keys = k.mean(1)
+    if needs.cls_attn or needs.attn_rows:
+        rows = q if needs.attn_rows else q[:, :, :1]
+        scores = (rows @ k.transpose(-2, -1)) * view.scale  # (B, H, R, N)
+        if bias is not None:
+            scores = scores + bias
+        probs = scores.float().softmax(-1).mean(1)  # (B, R, N)
+        info.cls_attn = probs[:, 0]
+        info.attn_rows = probs if needs.attn_rows else None
+    return out, info
+
+
+def run_block(
+    view: BlockView, state: TokenState, i: int, reducer: Reducer | None, needs: Needs
+) -> TokenState:
+    x = state.x
+    size = state.size if state.prop_attn else None
+    y, info = attend(view.attn, view.norm1(x), size, needs if reducer else Needs())
+    state.x = x + view.ls1(y)
+    if reducer is not None:
+        state = reducer(i, state, info)
+    x = state.x
+    state.x = x + view.ls2(view.mlp(view.norm2(x)))
+    return state
+
+
+def check_supported(encoder: SequenceEncoder, technique: str) -> list[BlockView]:
+    """The encoder's block views, or a ValueError naming why ``technique`` cannot run on it."""
+    if not isinstance(encoder, SequenceEncoder):
+        raise ValueError(
+            f"{technique} needs a single-sequence encoder (ViT, DeiT, CLIP, SigLIP, ViT4MNIST); "
+            f"{encoder.model_id} is a {encoder.info.family} model"
+        )
+    views = encoder.blocks
+    if any(v.attn.rope for v in views):
+        raise ValueError(
+            f"{technique} cannot run on {encoder.model_id}: rotary position embeddings (EVA) tie each "
+            "query and key to one grid position, which merged or pruned tokens no longer have"
+        )
+    return views
+
+
+def initial_state(
+    encoder: SequenceEncoder, x: torch.Tensor, *, track_source: bool, prop_attn: bool = True
+) -> TokenState:
+    b, n, _ = x.shape
+    source = None
+    if track_source:
+        source = torch.eye(n, dtype=x.dtype, device=x.device).expand(b, n, n)
+    return TokenState(
+        x=x, size=None, source=source, num_prefix=encoder.layout.num_prefix, prop_attn=prop_attn
+    )
+
+
+def ones_size(state: TokenState) -> torch.Tensor:
+    b, n, _ = state.x.shape
+    return torch.ones(b, n, 1, dtype=state.x.dtype, device=state.x.device)

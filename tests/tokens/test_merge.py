@@ -1,0 +1,135 @@
+"""Token merging: neutral identity, size bookkeeping, protected tokens, math properties, every model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from support import SUPPORTED_IDS, load_cached
+from vitedge.api import optimize_
+from vitedge.models import load
+from vitedge.models.base import SequenceEncoder
+from vitedge.options import parse_options
+from vitedge.tokens.merge import MergeConfig, bipartite_soft_matching, merge_runner, merge_state, schedule_r
+from vitedge.tokens.runner import TokenState
+
+
+def test_neutral_is_bit_identical() -> None:
+    model = load("timm:deit_tiny_patch16_224")
+    x = model.example_input(2)
+    with torch.no_grad():
+        ref = model(x)
+        optimize_(model, MergeConfig(r=0))
+        assert model.block_runner is None
+        assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("model_id", ["vit4mnist", "timm:deit_tiny_distilled_patch16_224", "hf:clip-vision"])
+def test_vitedge_attention_path_reproduces_native_blocks(model_id: str) -> None:
+    """The runner's own attention (needed for the size bias) equals the native blocks when nothing merges."""
+    model = load_cached(model_id)
+    x = model.example_input(2)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+            model.block_runner = merge_runner(MergeConfig(r=0, schedule="constant"))
+            out = model(x)
+    finally:
+        model.block_runner = None
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_id", [m for m in SUPPORTED_IDS if "swin" not in m and "eva" not in m])
+def test_merge_shapes_and_sizes(model_id: str) -> None:
+    model = load_cached(model_id)
+    x = model.example_input(2)
+    try:
+        with torch.no_grad():
+            model.block_runner = merge_runner(MergeConfig(r=8), track_source=True)
+            out = model(x)
+            state = model.token_state
+    finally:
+        model.block_runner = None
+    n0 = model.layout.num_tokens
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert torch.allclose(state.size.sum(1), torch.full((2, 1), float(n0)))  # sizes sum to the original count
+    assert torch.equal(state.source.sum(-1), state.size[..., 0])  # every source row matches its size
+    assert torch.equal(state.source.sum(1), torch.ones(2, n0))  # each original token is in exactly one
+    p = model.layout.num_prefix
+    assert torch.equal(state.size[:, :p], torch.ones(2, p, 1))  # protected tokens never merged
+    assert torch.equal(state.source[:, :p, :p], torch.eye(p).expand(2, p, p))
+
+
+def test_large_r_is_clamped_not_an_error() -> None:
+    model = load("vit4mnist")
+    optimize_(model, *parse_options(["merge:r=100"]))
+    with torch.no_grad():
+        out = model(model.example_input(3))
+    assert out.shape == (3, 10)
+    assert model.token_state.x.shape[1] == 2  # the class token plus everything merged into one
+
+
+def test_unsupported_models_refuse_clearly() -> None:
+    with pytest.raises(ValueError, match="rotary"):
+        optimize_(load_cached("timm:eva02_tiny_patch14_224"), MergeConfig(r=4))
+
+
+def test_restore_returns_full_grid() -> None:
+    model = load("timm:deit_tiny_patch16_224")
+    optimize_(model, MergeConfig(r=8, restore=True))
+    with torch.no_grad():
+        feats = model.forward_features(model.example_input(2))
+    assert feats.shape == (2, 197, 192)
+
+
+def test_schedules() -> None:
+    assert schedule_r(MergeConfig(r=8), 12, 196) == [8] * 12
+    dec = schedule_r(MergeConfig(r=8, schedule="decreasing"), 12, 196)
+    assert dec[0] == 16 and dec[-1] == 0 and abs(sum(dec) - 96) <= 6
+    seed = schedule_r(MergeConfig(schedule="seed"), 12, 196)
+    assert sum(seed) == 196 - 49 and seed[2] == 49 and seed[5] == 49 and seed[8] == 49
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(min_value=2, max_value=40),
+    r=st.integers(min_value=0, max_value=30),
+    prefix=st.integers(min_value=0, max_value=3),
+    seed=st.integers(min_value=0, max_value=10_000),
+)
+def test_merge_preserves_size_weighted_sums(n: int, r: int, prefix: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n + prefix, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (2, n + prefix, 1), generator=g).double()
+    state = TokenState(x=x, size=size, source=None, num_prefix=prefix)
+    metric = torch.randn(2, n + prefix, 4, generator=g, dtype=torch.float64)
+    out = merge_state(state, metric, r)
+    assert out.x.shape[1] == n + prefix - min(r, n // 2)
+    assert torch.allclose((out.x * out.size).sum(1), (x * size).sum(1))  # size-weighted sums preserved
+    assert torch.equal(out.size.sum(1), size.sum(1))
+    assert torch.equal(out.x[:, :prefix], x[:, :prefix])
+
+
+def test_matching_merges_most_similar() -> None:
+    # A-tokens 0 and 2 are duplicates of B-tokens 1 and 3; r=2 must merge exactly those.
+    base = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.7]])
+    merge = bipartite_soft_matching(base[None], 2)
+    assert merge(base[None], "mean").shape == (1, 4, 3)
+
+
+def test_merge_rejects_bad_config() -> None:
+    with pytest.raises(ValueError, match="r must be"):
+        MergeConfig(r=-1)
+    with pytest.raises(ValueError, match="schedule"):
+        parse_options(["merge:schedule=sideways"])
+
+
+def test_merge_composes_with_bf16() -> None:
+    model = load("timm:deit_tiny_patch16_224")
+    optimize_(model, *parse_options(["merge:r=8", "bf16"]))
+    assert isinstance(model, SequenceEncoder)
+    with torch.no_grad():
+        out = model(model.example_input(2))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

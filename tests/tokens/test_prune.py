@@ -1,0 +1,91 @@
+"""Token pruning: neutral identity, every scorer on every model, sizes, protected and border tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support import SUPPORTED_IDS, load_cached
+from vitedge.api import optimize_
+from vitedge.models import load
+from vitedge.options import parse_options
+from vitedge.tokens.prune import SCORERS, PruneConfig, border_mask, prune_blocks, prune_runner, prune_state
+from vitedge.tokens.runner import TokenState
+
+
+def test_neutral_is_bit_identical() -> None:
+    model = load("vit4mnist")
+    x = model.example_input(4)
+    with torch.no_grad():
+        ref = model(x)
+        optimize_(model, *parse_options(["prune:keep=1.0"]))
+        assert torch.equal(model(x), ref)
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("model_id", [m for m in SUPPORTED_IDS if "swin" not in m and "eva" not in m])
+def test_prune_every_scorer_every_model(model_id: str, scorer: str) -> None:
+    model = load_cached(model_id)
+    x = model.example_input(2)
+    try:
+        with torch.no_grad():
+            model.block_runner = prune_runner(PruneConfig(keep=0.5, scorer=scorer), track_source=True)
+            out = model(x)
+            state = model.token_state
+    finally:
+        model.block_runner = None
+    n0 = model.layout.num_tokens
+    assert torch.isfinite(out).all()
+    assert state.x.shape[1] < n0
+    assert torch.allclose(state.size.sum(1), torch.full((2, 1), float(n0)))
+    assert torch.equal(state.source.sum(1), torch.ones(2, n0))
+    p = model.layout.num_prefix
+    assert torch.equal(state.index[:, :p], torch.arange(p).expand(2, p))
+
+
+def test_border_tokens_survive() -> None:
+    model = load("timm:deit_tiny_patch16_224")
+    optimize_(model, PruneConfig(keep=0.3, scorer="norm", protect_border=True))
+    with torch.no_grad():
+        model(model.example_input(2))
+    idx = model.token_state.index[:, 1:]
+    kept = set(idx[0].tolist())
+    border = {1 + r * 14 + c for r in range(14) for c in range(14) if r in (0, 13) or c in (0, 13)}
+    assert border <= kept
+
+
+def test_prune_state_math() -> None:
+    x = torch.arange(12, dtype=torch.float64).view(1, 6, 2)
+    state = TokenState(x=x, size=None, source=None, num_prefix=1, index=torch.arange(6)[None])
+    scores = torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0]])
+    out = prune_state(state, scores, 0.4, fuse=True)
+    assert out.index[0].tolist() == [0, 1, 3, -1]  # class, two best patches in order, fused
+    assert out.size[0, :, 0].tolist() == [1, 1, 1, 3]
+    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).softmax(0)
+    fused = (x[0, [2, 4, 5]] * w[:, None]).sum(0)
+    assert torch.allclose(out.x[0, -1], fused)
+    assert prune_state(state, scores, 0.4, fuse=False).x.shape[1] == 3
+
+
+def test_border_mask() -> None:
+    idx = torch.arange(1, 10)[None]  # a 3x3 grid behind one prefix token
+    assert border_mask(idx, (3, 3), 1)[0].tolist() == [True] * 4 + [False] + [True] * 4
+
+
+def test_schedule_blocks() -> None:
+    assert prune_blocks("stages", 12) == [3, 6, 9]
+    assert prune_blocks("every", 4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("prune:keep=0", "keep must be"), ("prune:keep=1.5", "keep must be"), ("prune:scorer=magic", "scorer")],
+)
+def test_bad_prune_options(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_options([text])
+
+
+def test_cannot_stack_two_reducers() -> None:
+    with pytest.raises(ValueError, match="cannot stack"):
+        optimize_(load("vit4mnist"), *parse_options(["merge:r=2", "prune:keep=0.5"]))
