@@ -29,6 +29,7 @@ _TECHNIQUE_MODULES = (
     "vitedge.compress.structured",
     "vitedge.tokens.merge",
     "vitedge.tokens.prune",
+    "vitedge.tokens.adaptive",
 )
 _loaded = False
 

@@ -292,3 +292,50 @@ def run_optimize(
     }
     (out / OPTIMIZED_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return {"model": model_id, "out": str(out), "name": manifest["name"], "configs": manifest["configs"]}
+
+
+def run_show_tokens(
+    model_id: str,
+    image: Path,
+    *,
+    opts: list[str] | None,
+    out: Path,
+    img_size: int | None = None,
+    weights: Path | None = None,
+) -> dict[str, Any]:
+    """Draw which patches the -O stack merged or pruned on one image."""
+    from vitedge.data import build_transform, read_image
+    from vitedge.models.base import SequenceEncoder
+    from vitedge.report.token_map import draw_token_map, group_map
+
+    configs = parse_options(opts or [])
+    enc = build_model(model_id, configs, img_size=img_size, weights=weights)
+    if not isinstance(enc, SequenceEncoder) or enc.block_runner is None:
+        raise ValueError("show-tokens needs a token-merging or pruning option, e.g. -O merge:r=8")
+    pre = enc.preprocess
+    x = build_transform(pre)(read_image(image))[None]
+    enc.track_sources = True
+    with torch.inference_mode():
+        logits = enc(x)
+    state = enc.token_state
+    groups = group_map(state.source[0], state.num_prefix, enc.layout.grid)
+    fused = set()
+    if state.index is not None:
+        fused = {int(i) for i in (state.index[0] == -1).nonzero().flatten().tolist()}
+    mean = torch.tensor(pre.mean).view(-1, 1, 1)
+    std = torch.tensor(pre.std).view(-1, 1, 1)
+    pixels = (x[0].float() * std + mean).clamp(0, 1)
+    if pixels.shape[0] == 1:
+        pixels = pixels.expand(3, -1, -1)
+    kept = int(state.x.shape[1])
+    title = f"{variant_name(opts or [])}: {kept} of {enc.layout.num_tokens} tokens left"
+    draw_token_map(pixels.permute(1, 2, 0).numpy(), groups, out, title=title, fused=fused)
+    return {
+        "model": model_id,
+        "name": variant_name(opts or []),
+        "image": str(image),
+        "out": str(out),
+        "tokens_in": enc.layout.num_tokens,
+        "tokens_out": kept,
+        "top1": int(logits.argmax(1)[0]),
+    }

@@ -117,3 +117,15 @@ def test_missing_data_root(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("VITEDGE_DATA", str(tmp_path / "absent"))
     result = runner.invoke(app, ["eval", "vit4mnist", "--data", "mnist"])
     assert result.exit_code == 2 and "VITEDGE_DATA" in result.stderr
+
+
+def test_show_tokens_draws_png(tmp_path) -> None:
+    png = tmp_path / "tokens.png"
+    image = "../shared/data/imagenet-sample/n01443537_goldfish.jpg"
+    from vitedge.paths import data_root
+
+    image = str(data_root() / "imagenet-sample" / "n01443537_goldfish.jpg")
+    out = run_json("show-tokens", "timm:deit_tiny_patch16_224", image, "-O", "merge:r=12", "--out", str(png))
+    assert out["tokens_out"] == 197 - 12 * 12 and png.read_bytes()[:4] == b"\x89PNG"
+    bad = runner.invoke(app, ["show-tokens", "timm:deit_tiny_patch16_224", image, "--out", str(png)])
+    assert bad.exit_code == 2 and "needs a token-merging" in bad.stderr

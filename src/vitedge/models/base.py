@@ -9,8 +9,8 @@ for the cost model. Concrete model classes are known only to the adapters in thi
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -144,6 +144,8 @@ class Encoder(nn.Module):
         self.applied: list[Any] = []
         # Set by the bf16 technique in autocast mode: run the forward under torch.autocast with this dtype.
         self.autocast_dtype: torch.dtype | None = None
+        # Set by techniques that split a batch (complexity-adaptive keep rates): computes the logits itself.
+        self.batch_router: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
 
     # --- subclasses implement -------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> (B, N, D)
@@ -173,10 +175,15 @@ class Encoder(nn.Module):
         x = x.to(self.compute_dtype)
         if self.autocast_dtype is not None:
             with torch.autocast("cpu", dtype=self.autocast_dtype):
-                out = self.forward_head(self.forward_features(x))
+                out = self._logits(x)
         else:
-            out = self.forward_head(self.forward_features(x))
+            out = self._logits(x)
         return out.float()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_router is not None:
+            return self.batch_router(self, x)
+        return self.forward_head(self.forward_features(x))
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -242,6 +249,8 @@ class SequenceEncoder(Encoder):
         self.block_runner: BlockRunner | None = None
         # What a token-reducing runner left after the last forward (tokens, sizes, sources); for drawing.
         self.token_state: Any = None
+        # Ask token-reducing runners to track which original tokens each token holds (show-tokens).
+        self.track_sources = False
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D) with prefix tokens
         raise NotImplementedError

@@ -134,7 +134,10 @@ def merge_runner(config: MergeConfig, *, track_source: bool = False):
         views = encoder.blocks
         plan = schedule_r(config, len(views), encoder.layout.num_patches)
         state = initial_state(
-            encoder, x, track_source=track_source or config.restore, prop_attn=config.prop_attn
+            encoder,
+            x,
+            track_source=track_source or config.restore or encoder.track_sources,
+            prop_attn=config.prop_attn,
         )
 
         def reduce(i: int, st: TokenState, info: AttentionInfo) -> TokenState:

@@ -162,7 +162,7 @@ def prune_runner(
     def run(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
         views = encoder.blocks
         at = set(prune_blocks(config.schedule, len(views)))
-        state = initial_state(encoder, x, track_source=track_source)
+        state = initial_state(encoder, x, track_source=track_source or encoder.track_sources)
         b, n, _ = x.shape
         state.index = torch.arange(n, device=x.device).expand(b, n)
         p = state.num_prefix

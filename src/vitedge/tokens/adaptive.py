@@ -1,0 +1,120 @@
+"""Complexity-adaptive token pruning (seed 22.1.3, 22.2.2), ``-O adaptive:...``.
+
+Each image gets its own keep rate from its visual complexity: the mean Shannon entropy of the grey-level
+histograms of its patches (flat sky: low; foliage, text: high), mapped linearly from ``[low, high]`` bits onto
+``[min_keep, max_keep]``. Mixed budgets in one batch are handled by *grouping*: keep rates are rounded to
+``buckets`` levels, the images of each level run together through the pruning runner with that keep rate, and
+the outputs are put back in input order. Grouping keeps every sub-batch dense (no padding, no masks), at the
+cost of one forward per distinct level present in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vitedge.api import register
+from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.tokens.prune import SCORERS, PruneConfig, prune_runner
+from vitedge.tokens.runner import check_supported
+
+HIST_BINS = 16
+
+
+def patch_entropy(x: torch.Tensor, patch: int, bins: int = HIST_BINS) -> torch.Tensor:
+    """Mean grey-level histogram entropy (bits) of the ``patch``-square tiles of ``x`` (B, C, H, W) -> (B,).
+
+    Values are min-max scaled per image first, so the measure ignores the normalisation constants.
+    """
+    g = x.float().mean(1)  # (B, H, W)
+    b = g.shape[0]
+    lo = g.flatten(1).amin(1).view(b, 1, 1)
+    hi = g.flatten(1).amax(1).view(b, 1, 1)
+    g = (g - lo) / (hi - lo).clamp_min(1e-6)
+    tiles = g.unfold(1, patch, patch).unfold(2, patch, patch).reshape(b, -1, patch * patch)  # (B, P, p*p)
+    idx = (tiles * (bins - 1)).round().long()
+    counts = torch.zeros(b, tiles.shape[1], bins).scatter_add_(2, idx, torch.ones_like(tiles))
+    prob = counts / counts.sum(-1, keepdim=True)
+    ent = -(prob * prob.clamp_min(1e-12).log2()).sum(-1)  # (B, P)
+    return ent.mean(1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveConfig:
+    """Keep rate per image in [``min_keep``, ``max_keep``] from patch entropy in [``low``, ``high``] bits,
+    rounded to ``buckets`` levels; pruning uses ``scorer`` at the ``stages`` blocks."""
+
+    min_keep: float = 0.5
+    max_keep: float = 1.0
+    low: float = 1.0
+    high: float = 3.5
+    buckets: int = 3
+    scorer: str = "attn"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_keep <= self.max_keep <= 1.0:
+            raise ValueError(
+                f"adaptive needs 0 < min_keep <= max_keep <= 1, got {self.min_keep} and {self.max_keep}"
+            )
+        if not 0.0 <= self.low < self.high:
+            raise ValueError(f"adaptive needs 0 <= low < high (bits), got {self.low} and {self.high}")
+        if self.buckets < 1:
+            raise ValueError(f"adaptive:buckets must be >= 1, got {self.buckets}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"adaptive:scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+
+    def levels(self) -> list[float]:
+        if self.buckets == 1:
+            return [self.max_keep]
+        step = (self.max_keep - self.min_keep) / (self.buckets - 1)
+        return [self.min_keep + i * step for i in range(self.buckets)]
+
+
+def keep_rates(config: AdaptiveConfig, x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The bucketed keep rate of each image (B,)."""
+    ent = patch_entropy(x, patch)
+    t = ((ent - config.low) / (config.high - config.low)).clamp(0, 1)
+    raw = config.min_keep + t * (config.max_keep - config.min_keep)
+    levels = torch.tensor(config.levels())
+    return levels[(raw[:, None] - levels[None]).abs().argmin(1)]
+
+
+def adaptive_forward(encoder: SequenceEncoder, config: AdaptiveConfig, x: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K) with each group of images pruned at its own keep rate, in input order."""
+    patch = encoder.img_size[0] // encoder.layout.grid[0]
+    keeps = keep_rates(config, x, patch)
+    out: torch.Tensor | None = None
+    previous = encoder.block_runner
+    try:
+        for keep in keeps.unique().tolist():
+            idx = (keeps == keep).nonzero().flatten()
+            encoder.block_runner = (
+                None if keep >= 1.0 else prune_runner(PruneConfig(keep=keep, scorer=config.scorer))
+            )
+            y = encoder.forward_head(encoder.forward_features(x[idx]))
+            if out is None:
+                out = y.new_empty(x.shape[0], *y.shape[1:])
+            out[idx] = y
+    finally:
+        encoder.block_runner = previous
+    assert out is not None
+    encoder.token_state = {"keep": keeps}
+    return out
+
+
+@register("adaptive")
+def _apply_adaptive(model: Encoder, config: AdaptiveConfig) -> None:
+    check_supported(model, "adaptive")  # type: ignore[arg-type]
+    assert isinstance(model, SequenceEncoder)
+    if model.block_runner is not None or model.batch_router is not None:
+        raise ValueError(
+            "adaptive cannot stack on another token-reduction technique (merge, prune or adaptive)"
+        )
+    if config.min_keep >= 1.0:
+        return  # neutral
+
+    def route(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
+        return adaptive_forward(encoder, config, x)
+
+    model.batch_router = route

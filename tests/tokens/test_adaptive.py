@@ -1,0 +1,56 @@
+"""Complexity-adaptive pruning: entropy measure, bucketed keep rates, grouping keeps input order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitedge.api import optimize_
+from vitedge.models import load
+from vitedge.options import parse_options
+from vitedge.tokens.adaptive import AdaptiveConfig, keep_rates, patch_entropy
+
+
+def test_entropy_orders_flat_below_textured() -> None:
+    flat = torch.zeros(1, 3, 32, 32)
+    flat[..., :16, :] = 1.0  # two flat halves: every 8x8 tile is a single grey level
+    noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ent = patch_entropy(torch.cat([flat, noise]), 8)
+    assert ent[0] == pytest.approx(0.0, abs=1e-6)
+    assert ent[1] > 3.0
+
+
+def test_keep_rates_are_bucketed() -> None:
+    cfg = AdaptiveConfig(min_keep=0.5, max_keep=1.0, buckets=3)
+    x = torch.cat(
+        [torch.zeros(1, 3, 32, 32), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    )
+    rates = keep_rates(cfg, x, 8)
+    assert set(rates.tolist()) <= {0.5, 0.75, 1.0}
+    assert rates[0] == 0.5 and rates[1] == 1.0
+
+
+def test_grouping_matches_per_image_runs() -> None:
+    """A mixed batch gives the same logits as running each image alone at its own keep rate."""
+    model = load("timm:deit_tiny_patch16_224")
+    optimize_(model, AdaptiveConfig(min_keep=0.5, max_keep=1.0, buckets=2, low=0.0, high=8.0))
+    x = torch.cat(
+        [torch.zeros(1, 3, 224, 224), torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))]
+    )
+    with torch.no_grad():
+        together = model(x)
+        alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_neutral_and_bad_options() -> None:
+    model = load("vit4mnist")
+    x = model.example_input(3)
+    with torch.no_grad():
+        ref = model(x)
+        optimize_(model, *parse_options(["adaptive:min_keep=1.0"]))
+        assert torch.equal(model(x), ref)
+    with pytest.raises(ValueError, match="min_keep"):
+        parse_options(["adaptive:min_keep=0.9,max_keep=0.5"])
+    with pytest.raises(ValueError, match="cannot stack"):
+        optimize_(load("vit4mnist"), *parse_options(["merge:r=2", "adaptive"]))
