@@ -133,3 +133,18 @@ def test_merge_composes_with_bf16() -> None:
     with torch.no_grad():
         out = model(model.example_input(2))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "opt", ["merge:r=8", "merge:r=8,restore=true", "merge:schedule=seed", "merge:r=40,schedule=decreasing"]
+)
+@pytest.mark.parametrize("model_id", ["timm:deit_tiny_distilled_patch16_224", "hf:siglip-vision"])
+def test_cost_model_follows_merging(model_id: str, opt: str) -> None:
+    """arch() counts the tokens each block really sees, and the matching products: counted within 1 %."""
+    from vitedge.measure import analyze, count_flops
+
+    model = optimize_(load(model_id), *parse_options([opt]))
+    counted = count_flops(model, model.example_input(1)).total
+    analytic = analyze(model.arch()).flops
+    assert abs(counted / analytic - 1) < 0.01
+    assert analytic < analyze(load_cached(model_id).arch()).flops

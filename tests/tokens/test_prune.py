@@ -89,3 +89,16 @@ def test_bad_prune_options(text: str, message: str) -> None:
 def test_cannot_stack_two_reducers() -> None:
     with pytest.raises(ValueError, match="cannot stack"):
         optimize_(load("vit4mnist"), *parse_options(["merge:r=2", "prune:keep=0.5"]))
+
+
+@pytest.mark.parametrize(
+    "opt",
+    ["prune:keep=0.5", "prune:keep=0.5,scorer=entropy", "prune:keep=0.3,protect_border=true,scorer=norm"],
+)
+@pytest.mark.parametrize("model_id", ["timm:deit_tiny_patch16_224", "hf:siglip-vision"])
+def test_cost_model_follows_pruning(model_id: str, opt: str) -> None:
+    from vitedge.measure import analyze, count_flops
+
+    model = optimize_(load(model_id), *parse_options([opt]))
+    counted = count_flops(model, model.example_input(1)).total
+    assert abs(counted / analyze(model.arch()).flops - 1) < 0.01

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from vitedge.models.base import Encoder
-from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
+from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.models.spec import ArchSpec, AttnOp, BlockTokens, LayerSpec, LinearOp
 
 
 def param_count(modules: Iterable[nn.Module]) -> int:
@@ -41,45 +41,56 @@ def _linear_params(ops: Iterable[LinearOp | AttnOp]) -> int:
 
 
 def global_block_layers(
-    enc: Encoder, *, tokens: int, dim: int, prefix: str = "blocks", fused: bool = True
+    enc: Encoder,
+    *,
+    tokens: int,
+    dim: int,
+    prefix: str = "blocks",
+    fused: bool = True,
+    plan: list[BlockTokens] | None = None,
 ) -> list[LayerSpec]:
-    """Attention and MLP layers of blocks with global attention over ``tokens`` tokens of width ``dim``."""
+    """Attention and MLP layers of global-attention blocks of width ``dim``.
+
+    Every block sees ``tokens`` tokens unless ``plan`` (from a token-reducing technique) says otherwise.
+    """
     layers: list[LayerSpec] = []
     for i, b in enumerate(enc.blocks):
+        step = plan[i] if plan is not None else BlockTokens(attn_tokens=tokens, mlp_tokens=tokens)
+        n, m = step.attn_tokens, step.mlp_tokens
         a = b.attn
-        attn_lin = linear_ops(f"{prefix}.{i}.attn", a.module, tokens)
+        attn_lin = linear_ops(f"{prefix}.{i}.attn", a.module, n)
         qkv_width = sum(op.out_features for op in attn_lin) - a.proj.out_features
         attn = AttnOp(
             name=f"{prefix}.{i}.attn.sdpa",
             windows=1,
-            q_tokens=tokens,
-            kv_tokens=tokens,
+            q_tokens=n,
+            kv_tokens=n,
             heads=a.num_heads,
             head_dim=a.head_dim,
             fused=fused,
         )
-        ops: tuple[LinearOp | AttnOp, ...] = (*attn_lin, attn)
+        ops: tuple[LinearOp | AttnOp, ...] = (*attn_lin, attn, *step.extra)
         layers.append(
             LayerSpec(
                 name=f"{prefix}.{i}.attn",
                 kind="attn",
                 ops=ops,
-                in_elements=tokens * dim,
-                out_elements=tokens * dim,
-                hidden_elements=tokens * qkv_width,
+                in_elements=n * dim,
+                out_elements=m * dim,
+                hidden_elements=n * qkv_width,
                 extra_params=param_count([b.norm1, a.module]) - _linear_params(ops),
             )
         )
-        mlp_lin = linear_ops(f"{prefix}.{i}.mlp", b.mlp, tokens)
+        mlp_lin = linear_ops(f"{prefix}.{i}.mlp", b.mlp, m)
         hidden = max(op.out_features for op in mlp_lin)
         layers.append(
             LayerSpec(
                 name=f"{prefix}.{i}.mlp",
                 kind="mlp",
                 ops=tuple(mlp_lin),
-                in_elements=tokens * dim,
-                out_elements=tokens * dim,
-                hidden_elements=tokens * hidden,
+                in_elements=m * dim,
+                out_elements=m * dim,
+                hidden_elements=m * hidden,
                 extra_params=param_count([b.norm2, b.mlp]) - _linear_params(mlp_lin),
             )
         )
@@ -117,7 +128,9 @@ def vit_arch(
             extra_params=embed_extra,
         )
     ]
-    layers += global_block_layers(enc, tokens=tokens, dim=dim, fused=fused)
+    plan = enc.token_plan(enc) if isinstance(enc, SequenceEncoder) and enc.token_plan is not None else None
+    layers += global_block_layers(enc, tokens=tokens, dim=dim, fused=fused, plan=plan)
+    final_tokens = plan[-1].tokens_out if plan else tokens
     head_ops: list[LinearOp | AttnOp] = []
     for m in head_modules:
         head_ops += linear_ops("head", m, head_tokens)
@@ -129,7 +142,7 @@ def vit_arch(
                 name="head",
                 kind="head",
                 ops=tuple(head_ops),
-                in_elements=tokens * dim,
+                in_elements=final_tokens * dim,
                 out_elements=head_tokens * out,
                 extra_params=param_count(head_modules) - _linear_params(head_ops),
             )

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitedge.models.spec import ArchSpec
+from vitedge.models.spec import ArchSpec, BlockTokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +251,14 @@ class SequenceEncoder(Encoder):
         self.token_state: Any = None
         # Ask token-reducing runners to track which original tokens each token holds (show-tokens).
         self.track_sources = False
+        # Set with block_runner: the tokens each block sees, so arch() (and the cost model) stay truthful.
+        self.token_plan: Callable[[SequenceEncoder], list[BlockTokens]] | None = None
+
+    def final_token_count(self) -> int:
+        """Tokens leaving the last block (fewer than ``layout.num_tokens`` under merging or pruning)."""
+        if self.token_plan is None:
+            return self.layout.num_tokens
+        return self.token_plan(self)[-1].tokens_out
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D) with prefix tokens
         raise NotImplementedError

@@ -191,7 +191,7 @@ class HfVision(SequenceEncoder):
         """SigLIP's attention-pooling head: nn.MultiheadAttention keeps q/k/v in one packed weight."""
         mha = head.attention
         d = mha.embed_dim
-        n = self.layout.num_tokens
+        n = self.final_token_count()
         probes = head.probe.shape[1]
         return (
             LinearOp(name="head.attention.q", tokens=probes, in_features=d, out_features=d),

@@ -20,6 +20,7 @@ class LinearOp:
     in_features: int
     out_features: int
     bias: bool = True
+    weight: bool = True  # False for a product of two activations (token matching): no parameters
 
     @property
     def macs(self) -> int:
@@ -27,6 +28,8 @@ class LinearOp:
 
     @property
     def params(self) -> int:
+        if not self.weight:
+            return 0
         return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
 
@@ -55,6 +58,22 @@ class AttnOp:
     def score_elements(self) -> int:
         """Elements of the attention matrix, materialised only where attention is not fused."""
         return self.windows * self.heads * self.q_tokens * self.kv_tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockTokens:
+    """Tokens one block sees when a technique shrinks the sequence: ``attn_tokens`` enter the attention,
+    ``mlp_tokens`` the MLP (reduction happens in between), and ``extra`` is the technique's own matmul work
+    (token matching, class-token attention scores) in that block."""
+
+    attn_tokens: int
+    mlp_tokens: int
+    extra: tuple[LinearOp | AttnOp, ...] = ()
+    out_tokens: int | None = None  # tokens handed on, where not mlp_tokens (merged features restored)
+
+    @property
+    def tokens_out(self) -> int:
+        return self.mlp_tokens if self.out_tokens is None else self.out_tokens
 
 
 @dataclass(frozen=True, kw_only=True)

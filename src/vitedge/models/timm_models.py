@@ -178,7 +178,7 @@ class TimmVit(SequenceEncoder):
     def _attn_pool_ops(self, pool: Any) -> tuple[LinearOp | AttnOp, ...]:
         """Ops of timm's AttentionPoolLatent (MAP head): latent queries attend over all tokens."""
         latent = int(pool.latent_len)
-        n = self.layout.num_tokens
+        n = self.final_token_count()
         ops: list[LinearOp | AttnOp] = [*linear_ops("attn_pool.kv", pool.kv, n)]
         for name in ("q", "proj"):
             ops += linear_ops(f"attn_pool.{name}", getattr(pool, name), latent)

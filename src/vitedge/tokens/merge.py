@@ -21,6 +21,7 @@ import torch
 
 from vitedge.api import register
 from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.models.spec import BlockTokens, LinearOp
 from vitedge.tokens.runner import (
     AttentionInfo,
     Needs,
@@ -157,6 +158,39 @@ def merge_runner(config: MergeConfig, *, track_source: bool = False):
     return run
 
 
+def merge_plan(config: MergeConfig, encoder: SequenceEncoder) -> list[BlockTokens]:
+    """Tokens per block under ``config`` (the clamping the runner applies), with the matching products."""
+    views = encoder.blocks
+    p = encoder.layout.num_prefix
+    n = encoder.layout.num_tokens
+    plan: list[BlockTokens] = []
+    for i, r_wanted in enumerate(schedule_r(config, len(views), encoder.layout.num_patches)):
+        r = max(0, min(r_wanted, (n - p) // 2))
+        extra: tuple[LinearOp, ...] = ()
+        if r > 0:  # the similarity of set A against set B of the mergeable tokens
+            na, nb = (n - p + 1) // 2, (n - p) // 2
+            d = views[i].attn.head_dim
+            extra = (
+                LinearOp(
+                    name=f"blocks.{i}.merge.match", tokens=na, in_features=d, out_features=nb, weight=False
+                ),
+            )
+        plan.append(BlockTokens(attn_tokens=n, mlp_tokens=n - r, extra=extra))
+        n -= r
+    if config.restore:
+        last = plan[-1]
+        dim = views[-1].attn.proj.out_features
+        n0 = encoder.layout.num_tokens
+        restore = LinearOp(name="restore", tokens=n0, in_features=n, out_features=dim, weight=False)
+        plan[-1] = BlockTokens(
+            attn_tokens=last.attn_tokens,
+            mlp_tokens=last.mlp_tokens,
+            extra=(*last.extra, restore),
+            out_tokens=n0,
+        )
+    return plan
+
+
 @register("merge")
 def _apply_merge(model: Encoder, config: MergeConfig) -> None:
     check_supported(model, "merge")  # type: ignore[arg-type]
@@ -166,3 +200,4 @@ def _apply_merge(model: Encoder, config: MergeConfig) -> None:
     if model.block_runner is not None:
         raise ValueError("merge cannot stack on another token-reduction technique (merge, prune or adaptive)")
     model.block_runner = merge_runner(config)
+    model.token_plan = lambda enc: merge_plan(config, enc)

@@ -24,6 +24,7 @@ import torch
 
 from vitedge.api import register
 from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.models.spec import BlockTokens, LinearOp
 from vitedge.tokens.runner import (
     AttentionInfo,
     Needs,
@@ -185,6 +186,41 @@ def prune_runner(
     return run
 
 
+def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockTokens]:
+    """Tokens per block under ``config``, with the score products (class-token or full attention rows)."""
+    views = encoder.blocks
+    at = set(prune_blocks(config.schedule, len(views)))
+    p = encoder.layout.num_prefix
+    gh, gw = encoder.layout.grid
+    border = 2 * (gh + gw) - 4 if config.protect_border else 0
+    rows_needed = config.scorer == "entropy" or (config.scorer == "attn" and p == 0)
+    n = encoder.layout.num_tokens
+    plan: list[BlockTokens] = []
+    for i, view in enumerate(views):
+        if i not in at:
+            plan.append(BlockTokens(attn_tokens=n, mlp_tokens=n))
+            continue
+        a = view.attn
+        extra: tuple[LinearOp, ...] = ()
+        if config.scorer in ("attn", "entropy"):
+            rows = n if rows_needed else 1
+            extra = (
+                LinearOp(
+                    name=f"blocks.{i}.prune.scores",
+                    tokens=a.num_heads * rows,
+                    in_features=a.head_dim,
+                    out_features=n,
+                    weight=False,
+                ),
+            )
+        n_patch = n - p
+        n_keep = max(1, math.ceil(config.keep * n_patch), min(border, n_patch))
+        m = n if n_keep >= n_patch else p + n_keep + (1 if config.fuse else 0)
+        plan.append(BlockTokens(attn_tokens=n, mlp_tokens=m, extra=extra))
+        n = m
+    return plan
+
+
 @register("prune")
 def _apply_prune(model: Encoder, config: PruneConfig) -> None:
     check_supported(model, "prune")  # type: ignore[arg-type]
@@ -194,3 +230,4 @@ def _apply_prune(model: Encoder, config: PruneConfig) -> None:
     if model.block_runner is not None:
         raise ValueError("prune cannot stack on another token-reduction technique (merge, prune or adaptive)")
     model.block_runner = prune_runner(config)
+    model.token_plan = lambda enc: prune_plan(config, enc)
