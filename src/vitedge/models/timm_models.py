@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -12,59 +11,21 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from vitedge.models._arch import linear_ops, param_count, vit_arch
+from vitedge.models._arch import linear_ops, vit_arch
+from vitedge.models._timm_common import attention_view, preprocess_of
 from vitedge.models.base import (
-    AttentionView,
     BlockView,
     Encoder,
     ModelInfo,
-    Preprocess,
     SequenceEncoder,
     TokenLayout,
 )
-from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
+from vitedge.models.spec import ArchSpec, AttnOp, LinearOp
+from vitedge.models.swin import TimmSwin
 
 _VIT_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva")
 _SWIN_CLASSES = ("SwinTransformer",)
 _BLOCK_PARTS = ("norm1", "attn", "norm2", "mlp")
-
-
-def _attention_view(attn: Any, *, rope: bool = False) -> AttentionView:
-    qkv = getattr(attn, "qkv", None)
-    heads = int(attn.num_heads)
-    proj = attn.proj
-    head_dim = int(getattr(attn, "head_dim", 0) or proj.in_features // heads)
-    return AttentionView(
-        module=attn,
-        num_heads=heads,
-        head_dim=head_dim,
-        scale=float(attn.scale),
-        qkv=qkv,
-        q=getattr(attn, "q_proj", None),
-        k=getattr(attn, "k_proj", None),
-        v=getattr(attn, "v_proj", None),
-        proj=proj,
-        q_norm=getattr(attn, "q_norm", None),
-        k_norm=getattr(attn, "k_norm", None),
-        out_norm=getattr(attn, "norm", None),
-        rope=rope,
-    )
-
-
-def _preprocess(model: Any) -> Preprocess:
-    cfg = timm.data.resolve_data_config({}, model=model)
-    # The pretrained config keeps its own size even when the model was built with img_size=; trust the model.
-    h, w = (int(v) for v in model.patch_embed.img_size)
-    crop_pct = float(cfg.get("crop_pct") or 1.0)
-    interp = cfg.get("interpolation", "bicubic")
-    return Preprocess(
-        img_size=(h, w),
-        in_chans=cfg["input_size"][0],
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        resize=math.floor(h / crop_pct) if crop_pct < 1.0 else None,
-        interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic",
-    )
 
 
 class TimmVit(SequenceEncoder):
@@ -90,7 +51,7 @@ class TimmVit(SequenceEncoder):
                 trained=False,
                 extra={"timm_class": type(model).__name__, "global_pool": model.global_pool},
             ),
-            preprocess=_preprocess(model),
+            preprocess=preprocess_of(model),
             layout=TokenLayout(
                 num_cls=num_prefix - num_reg - num_dist, num_dist=num_dist, num_reg=num_reg, grid=grid
             ),
@@ -138,7 +99,7 @@ class TimmVit(SequenceEncoder):
             BlockView(
                 module=b,
                 norm1=b.norm1,
-                attn=_attention_view(b.attn, rope=rope),
+                attn=attention_view(b.attn, rope=rope),
                 norm2=b.norm2,
                 mlp=b.mlp,
                 ls1=getattr(b, "ls1", None) or nn.Identity(),
@@ -194,175 +155,6 @@ class TimmVit(SequenceEncoder):
             )
         )
         return tuple(ops)
-
-
-class TimmSwin(Encoder):
-    """timm SwinTransformer behind the Encoder view; ``forward_features`` flattens tokens to (B, N, C)."""
-
-    def __init__(self, model: Any, *, model_id: str) -> None:
-        super().__init__(
-            info=ModelInfo(
-                model_id=model_id,
-                family="swin",
-                source="timm",
-                num_classes=int(model.num_classes),
-                trained=False,
-                extra={"timm_class": type(model).__name__},
-            ),
-            preprocess=_preprocess(model),
-            layout=TokenLayout(num_cls=0, grid=tuple(model.patch_embed.grid_size)),
-        )
-        self.model = model
-        self.final_grid = tuple(model.layers[-1].output_resolution)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"{self.model_id} was built for {self.img_size} images, got {tuple(x.shape[-2:])}; "
-                "load it with img_size= (CLI: --img-size)"
-            )
-        feats = self.model.forward_features(x)  # (B, H, W, C)
-        return feats.flatten(1, 2)
-
-    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
-        b, _, c = feats.shape
-        return self.model.forward_head(feats.reshape(b, *self.final_grid, c))
-
-    @property
-    def blocks(self) -> list[BlockView]:
-        views = []
-        for s, stage in enumerate(self.model.layers):
-            for b in stage.blocks:
-                views.append(
-                    BlockView(
-                        module=b,
-                        norm1=b.norm1,
-                        attn=_attention_view(b.attn),
-                        norm2=b.norm2,
-                        mlp=b.mlp,
-                        stage=s,
-                        window=tuple(b.window_size),
-                        shift=int(b.shift_size[0]),
-                    )
-                )
-        return views
-
-    def arch(self, img_size: tuple[int, int] | None = None) -> ArchSpec:
-        if img_size is not None and tuple(img_size) != self.img_size:
-            raise ValueError(
-                f"{self.model_id} is built for {self.img_size}; load it with img_size={img_size}"
-            )
-        m = self.model
-        proj = m.patch_embed.proj
-        gh, gw = self.layout.grid
-        embed = LinearOp(
-            name="patch_embed",
-            tokens=gh * gw,
-            in_features=proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1],
-            out_features=proj.out_channels,
-        )
-        h, w = self.img_size
-        layers = [
-            LayerSpec(
-                name="patch_embed",
-                kind="embed",
-                ops=(embed,),
-                in_elements=self.preprocess.in_chans * h * w,
-                out_elements=gh * gw * embed.out_features,
-                hidden_elements=embed.tokens * embed.in_features,
-                extra_params=param_count([m.patch_embed]) - embed.params,
-            )
-        ]
-        for s, stage in enumerate(m.layers):
-            layers += _swin_stage_layers(s, stage)
-        fh, fw = self.final_grid
-        head_ops = linear_ops("head", m.head, 1)
-        if head_ops:
-            layers.append(
-                LayerSpec(
-                    name="head",
-                    kind="head",
-                    ops=tuple(head_ops),
-                    in_elements=fh * fw * m.num_features,
-                    out_elements=head_ops[-1].out_features,
-                    extra_params=param_count([m.head]) - sum(op.params for op in head_ops),
-                )
-            )
-        spec = ArchSpec(
-            family="swin", img_size=(h, w), in_chans=self.preprocess.in_chans, layers=tuple(layers)
-        )
-        return ArchSpec(
-            family="swin",
-            img_size=(h, w),
-            in_chans=self.preprocess.in_chans,
-            layers=tuple(layers),
-            other_params=param_count([m]) - spec.params,
-        )
-
-
-def _swin_stage_layers(s: int, stage: Any) -> list[LayerSpec]:
-    layers: list[LayerSpec] = []
-    in_h, in_w = stage.input_resolution
-    h, w = stage.output_resolution
-    ds = stage.downsample
-    if not isinstance(ds, nn.Identity):
-        ops = linear_ops(f"layers.{s}.downsample", ds, h * w)
-        layers.append(
-            LayerSpec(
-                name=f"layers.{s}.downsample",
-                kind="merge",
-                ops=tuple(ops),
-                in_elements=in_h * in_w * ops[0].in_features // 4,
-                out_elements=h * w * ops[0].out_features,
-                hidden_elements=h * w * ops[0].in_features,
-                extra_params=param_count([ds]) - sum(op.params for op in ops),
-            )
-        )
-    for j, b in enumerate(stage.blocks):
-        wh, ww = b.window_size
-        hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
-        windows = (hp // wh) * (wp // ww)
-        a = _attention_view(b.attn)
-        name = f"layers.{s}.blocks.{j}"
-        attn_lin = linear_ops(f"{name}.attn", b.attn, hp * wp)
-        attn_ops: tuple[LinearOp | AttnOp, ...] = (
-            *attn_lin,
-            AttnOp(
-                name=f"{name}.attn.sdpa",
-                windows=windows,
-                q_tokens=wh * ww,
-                kv_tokens=wh * ww,
-                heads=a.num_heads,
-                head_dim=a.head_dim,
-                fused=bool(getattr(b.attn, "fused_attn", False)),
-            ),
-        )
-        dim = b.dim
-        layers.append(
-            LayerSpec(
-                name=f"{name}.attn",
-                kind="attn",
-                ops=attn_ops,
-                in_elements=h * w * dim,
-                out_elements=h * w * dim,
-                hidden_elements=hp * wp * attn_lin[0].out_features,
-                extra_params=param_count([b.norm1, b.attn]) - sum(op.params for op in attn_lin),
-            )
-        )
-        mlp_lin = linear_ops(f"{name}.mlp", b.mlp, h * w)
-        layers.append(
-            LayerSpec(
-                name=f"{name}.mlp",
-                kind="mlp",
-                ops=tuple(mlp_lin),
-                in_elements=h * w * dim,
-                out_elements=h * w * dim,
-                hidden_elements=h * w * max(op.out_features for op in mlp_lin),
-                extra_params=param_count([b.norm2, b.mlp]) - sum(op.params for op in mlp_lin),
-            )
-        )
-    return layers
 
 
 def create_timm(name: str, *, weights: str | Path | None = None, img_size: int | None = None) -> Encoder:

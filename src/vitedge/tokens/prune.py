@@ -34,6 +34,7 @@ from vitedge.tokens.runner import (
     ones_size,
     run_block,
 )
+from vitedge.tokens.windows import install_window_pruning
 
 SCORERS = ("attn", "norm", "variance", "entropy")
 SCHEDULES = ("stages", "every")
@@ -223,10 +224,15 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
 
 @register("prune")
 def _apply_prune(model: Encoder, config: PruneConfig) -> None:
-    check_supported(model, "prune")  # type: ignore[arg-type]
-    assert isinstance(model, SequenceEncoder)
     if config.keep >= 1.0:
         return  # neutral: the native blocks run untouched
+    if model.info.family == "swin":  # whole windows, so the window structure survives
+        if getattr(model, "block_runner", None) is not None:
+            raise ValueError("prune cannot stack on another token-reduction technique on this Swin model")
+        install_window_pruning(model, config.keep, config.scorer)
+        return
+    check_supported(model, "prune")  # type: ignore[arg-type]
+    assert isinstance(model, SequenceEncoder)
     if model.block_runner is not None:
         raise ValueError("prune cannot stack on another token-reduction technique (merge, prune or adaptive)")
     model.block_runner = prune_runner(config)

@@ -1,0 +1,243 @@
+"""timm's SwinTransformer behind the Encoder view: windowed and shifted-window attention, patch merging.
+
+vitedge runs the stages itself (patch embedding, per stage a patch merge then the blocks, final norm), the
+same steps as timm's ``forward_features``, so a technique can replace how one block runs (window pruning in
+:mod:`vitedge.tokens.windows`). The window plumbing that needs timm internals (relative position bias, the
+shifted-window mask) is exposed here as :class:`SwinBlockParts`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitedge.models._arch import linear_ops, param_count
+from vitedge.models._timm_common import attention_view, preprocess_of
+from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, TokenLayout
+from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
+
+
+@dataclass(eq=False, kw_only=True)
+class SwinBlockParts:
+    """One Swin block's pieces: window size and cyclic shift, the (1, heads, N, N) relative-position bias, and
+    the (windows, N, N) 0/-inf mask of shifted windows (None for unshifted blocks)."""
+
+    norm1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
+    attn: AttentionView
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    rel_bias: torch.Tensor
+    mask: torch.Tensor | None
+
+
+class TimmSwin(Encoder):
+    """timm SwinTransformer behind the Encoder view; ``forward_features`` flattens tokens to (B, N, C)."""
+
+    def __init__(self, model: Any, *, model_id: str) -> None:
+        super().__init__(
+            info=ModelInfo(
+                model_id=model_id,
+                family="swin",
+                source="timm",
+                num_classes=int(model.num_classes),
+                trained=False,
+                extra={"timm_class": type(model).__name__},
+            ),
+            preprocess=preprocess_of(model),
+            layout=TokenLayout(num_cls=0, grid=tuple(model.patch_embed.grid_size)),
+        )
+        self.model = model
+        self.final_grid = tuple(model.layers[-1].output_resolution)
+        # Set by window pruning: runs one block (given its global index) instead of the native module.
+        self.block_runner: Callable[[TimmSwin, int, nn.Module, torch.Tensor], torch.Tensor] | None = None
+        # Windows each block computes (global block index, windows per image) -> kept; for arch().
+        self.window_plan: Callable[[int, int], int] | None = None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"{self.model_id} was built for {self.img_size} images, got {tuple(x.shape[-2:])}; "
+                "load it with img_size= (CLI: --img-size)"
+            )
+        m = self.model
+        x = m.patch_embed(x)  # (B, H, W, C)
+        i = 0
+        for stage in m.layers:
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = block(x) if self.block_runner is None else self.block_runner(self, i, block, x)
+                i += 1
+        return m.norm(x).flatten(1, 2)
+
+    def block_parts(self, block: Any, padded_hw: tuple[int, int]) -> SwinBlockParts:
+        """What window pruning needs from one timm Swin block at a padded resolution."""
+        attn: Any = block.attn
+        mask = block.attn_mask
+        if getattr(block, "dynamic_mask", False):
+            mask = block.get_attn_mask(torch.empty(1, *padded_hw, 1))
+        return SwinBlockParts(
+            norm1=block.norm1,
+            norm2=block.norm2,
+            mlp=block.mlp,
+            attn=attention_view(attn),
+            window=tuple(block.window_size),
+            shift=tuple(block.shift_size),
+            rel_bias=attn._get_rel_pos_bias(),
+            mask=mask,
+        )
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        b, _, c = feats.shape
+        return self.model.forward_head(feats.reshape(b, *self.final_grid, c))
+
+    @property
+    def blocks(self) -> list[BlockView]:
+        views = []
+        for s, stage in enumerate(self.model.layers):
+            for b in stage.blocks:
+                views.append(
+                    BlockView(
+                        module=b,
+                        norm1=b.norm1,
+                        attn=attention_view(b.attn),
+                        norm2=b.norm2,
+                        mlp=b.mlp,
+                        stage=s,
+                        window=tuple(b.window_size),
+                        shift=int(b.shift_size[0]),
+                    )
+                )
+        return views
+
+    def arch(self, img_size: tuple[int, int] | None = None) -> ArchSpec:
+        if img_size is not None and tuple(img_size) != self.img_size:
+            raise ValueError(
+                f"{self.model_id} is built for {self.img_size}; load it with img_size={img_size}"
+            )
+        m = self.model
+        proj = m.patch_embed.proj
+        gh, gw = self.layout.grid
+        embed = LinearOp(
+            name="patch_embed",
+            tokens=gh * gw,
+            in_features=proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1],
+            out_features=proj.out_channels,
+        )
+        h, w = self.img_size
+        layers = [
+            LayerSpec(
+                name="patch_embed",
+                kind="embed",
+                ops=(embed,),
+                in_elements=self.preprocess.in_chans * h * w,
+                out_elements=gh * gw * embed.out_features,
+                hidden_elements=embed.tokens * embed.in_features,
+                extra_params=param_count([m.patch_embed]) - embed.params,
+            )
+        ]
+        first = 0
+        for s, stage in enumerate(m.layers):
+            layers += _swin_stage_layers(s, stage, first, self.window_plan)
+            first += len(stage.blocks)
+        fh, fw = self.final_grid
+        head_ops = linear_ops("head", m.head, 1)
+        if head_ops:
+            layers.append(
+                LayerSpec(
+                    name="head",
+                    kind="head",
+                    ops=tuple(head_ops),
+                    in_elements=fh * fw * m.num_features,
+                    out_elements=head_ops[-1].out_features,
+                    extra_params=param_count([m.head]) - sum(op.params for op in head_ops),
+                )
+            )
+        spec = ArchSpec(
+            family="swin", img_size=(h, w), in_chans=self.preprocess.in_chans, layers=tuple(layers)
+        )
+        return ArchSpec(
+            family="swin",
+            img_size=(h, w),
+            in_chans=self.preprocess.in_chans,
+            layers=tuple(layers),
+            other_params=param_count([m]) - spec.params,
+        )
+
+
+def _swin_stage_layers(
+    s: int, stage: Any, first: int, window_plan: Callable[[int, int], int] | None
+) -> list[LayerSpec]:
+    """Layers of stage ``s`` whose first block has global index ``first``; ``window_plan`` gives the windows
+    a block computes when window pruning skips some (their tokens then also skip the MLP)."""
+    layers: list[LayerSpec] = []
+    in_h, in_w = stage.input_resolution
+    h, w = stage.output_resolution
+    ds = stage.downsample
+    if not isinstance(ds, nn.Identity):
+        ops = linear_ops(f"layers.{s}.downsample", ds, h * w)
+        layers.append(
+            LayerSpec(
+                name=f"layers.{s}.downsample",
+                kind="merge",
+                ops=tuple(ops),
+                in_elements=in_h * in_w * ops[0].in_features // 4,
+                out_elements=h * w * ops[0].out_features,
+                hidden_elements=h * w * ops[0].in_features,
+                extra_params=param_count([ds]) - sum(op.params for op in ops),
+            )
+        )
+    for j, b in enumerate(stage.blocks):
+        wh, ww = b.window_size
+        hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
+        windows = (hp // wh) * (wp // ww)
+        if window_plan is not None:
+            windows = window_plan(first + j, windows)
+        active = min(windows * wh * ww, h * w)  # tokens that run the MLP (padding never does)
+        a = attention_view(b.attn)
+        name = f"layers.{s}.blocks.{j}"
+        attn_lin = linear_ops(f"{name}.attn", b.attn, windows * wh * ww)
+        attn_ops: tuple[LinearOp | AttnOp, ...] = (
+            *attn_lin,
+            AttnOp(
+                name=f"{name}.attn.sdpa",
+                windows=windows,
+                q_tokens=wh * ww,
+                kv_tokens=wh * ww,
+                heads=a.num_heads,
+                head_dim=a.head_dim,
+                fused=bool(getattr(b.attn, "fused_attn", False)),
+            ),
+        )
+        dim = b.dim
+        layers.append(
+            LayerSpec(
+                name=f"{name}.attn",
+                kind="attn",
+                ops=attn_ops,
+                in_elements=h * w * dim,
+                out_elements=h * w * dim,
+                hidden_elements=windows * wh * ww * attn_lin[0].out_features,
+                extra_params=param_count([b.norm1, b.attn]) - sum(op.params for op in attn_lin),
+            )
+        )
+        mlp_lin = linear_ops(f"{name}.mlp", b.mlp, active)
+        layers.append(
+            LayerSpec(
+                name=f"{name}.mlp",
+                kind="mlp",
+                ops=tuple(mlp_lin),
+                in_elements=h * w * dim,
+                out_elements=h * w * dim,
+                hidden_elements=active * max(op.out_features for op in mlp_lin),
+                extra_params=param_count([b.norm2, b.mlp]) - sum(op.params for op in mlp_lin),
+            )
+        )
+    return layers
