@@ -23,7 +23,9 @@ CASES: dict[str, tuple[str, int, list[str]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="short timing windows")
     parser.add_argument("--only", choices=sorted(CASES), action="append", help="run only these cases")
     args = parser.parse_args()
@@ -37,7 +39,8 @@ def main() -> None:
                 print(f"{model}: skipped ({e})")
                 break
             base = r["baseline"]
-            print(f"{model} batch {batch}: baseline {base['images_per_s']:.1f} img/s, {base['macs'] / 1e9:.3f} GMACs")
+            ips, gmacs = base["images_per_s"], base["macs"] / 1e9
+            print(f"{model} batch {batch}: baseline {ips:.1f} img/s, {gmacs:.3f} GMACs")
             for row in r["rows"]:
                 print(
                     f"  {row['name']:34s} {row['images_per_s']:9.1f} img/s  speed-up {row['speedup']:.2f}x  "

@@ -216,3 +216,15 @@ def test_hf_adapter_matches_transformers(model_id: str) -> None:
         ref = enc.inner(pixel_values=x)
         assert torch.allclose(enc.forward_features(x), ref.last_hidden_state, atol=1e-5)
         assert torch.allclose(enc(x), ref.pooler_output, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_id", ["timm:deit_tiny_patch16_224", "hf:clip-vision"])
+def test_random_weights_are_reproducible(model_id: str) -> None:
+    """Random-weight models come from a fixed seed (same digest in every process) without touching the
+    caller's RNG state."""
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = load(model_id)
+    assert torch.equal(torch.rand(1), before)
+    assert a.weights_digest() == load_cached(model_id).weights_digest()

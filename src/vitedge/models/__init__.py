@@ -7,8 +7,12 @@ and a directory written by ``vitedge optimize --out DIR``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, Preprocess, TokenLayout
 from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
@@ -57,6 +61,15 @@ def parse_model_id(model_id: str) -> tuple[str, str]:
     )
 
 
+@contextlib.contextmanager
+def _seeded(seed: int = 0) -> Iterator[None]:
+    """Random weights drawn from a fixed seed, leaving the caller's RNG untouched: the same id gives the same
+    model in every process (stable weights digest, cache namespace and benchmark inputs)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
 def load(model_id: str, *, weights: str | Path | None = None, img_size: int | None = None) -> Encoder:
     """Build the encoder named by ``model_id`` in eval mode.
 
@@ -81,7 +94,8 @@ def load(model_id: str, *, weights: str | Path | None = None, img_size: int | No
     if source == "timm":
         from vitedge.models.timm_models import create_timm
 
-        return create_timm(name, weights=weights, img_size=img_size)
+        with _seeded():
+            return create_timm(name, weights=weights, img_size=img_size)
     if source == "hf":
         from vitedge.models.hf_models import create_hf
 
@@ -89,7 +103,8 @@ def load(model_id: str, *, weights: str | Path | None = None, img_size: int | No
             raise ValueError("--weights applies to timm: models; pass a local directory as hf:<dir> instead")
         if img_size is not None:
             raise ValueError("img_size is fixed by the Hugging Face config for hf: models")
-        return create_hf(name)
+        with _seeded():
+            return create_hf(name)
     if source == "project":
         from vitedge.models.project import load_project_model
 

@@ -1,0 +1,330 @@
+"""``vitedge.encode(images, model, cache=...)``: encoder features served from the tiered cache when known.
+
+Also the plain functions behind ``vitedge encode``, ``vitedge cache stats`` and ``vitedge cache invalidate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitedge.cache.keys import Namespace, content_digest
+from vitedge.cache.store import CacheConfig, FeatureCache
+
+__all__ = [
+    "EncodeReport",
+    "encode",
+    "encode_report",
+    "list_images",
+    "run_cache_invalidate",
+    "run_cache_stats",
+]
+
+log = logging.getLogger(__name__)
+
+ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
+CacheLike = FeatureCache | CacheConfig | str | None
+
+
+@dataclass
+class EncodeReport:
+    """What one :func:`encode_report` call did."""
+
+    features: torch.Tensor  # (B, N, D) float32
+    hits: int = 0
+    misses: int = 0
+    compute_s: float = 0.0  # forward time spent on the misses
+    lookup_s: float = 0.0  # time spent reading the cache
+    namespace: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _pixels(image: ImageLike) -> torch.Tensor:
+    """Any accepted image -> decoded uint8 ``(C, H, W)``."""
+    from vitedge.data import read_image, to_uint8_tensor
+
+    if isinstance(image, str | Path):
+        return to_uint8_tensor(read_image(image))
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3:
+            raise ValueError(
+                "image tensors must be uint8 (C, H, W) decoded pixels, "
+                f"got {image.dtype} {tuple(image.shape)}"
+            )
+        return image.contiguous()
+    return to_uint8_tensor(image)
+
+
+def _as_cache(cache: CacheLike) -> tuple[FeatureCache | None, bool]:
+    """The cache object and whether this call owns (and must close) it."""
+    if cache is None or isinstance(cache, FeatureCache):
+        return cache, False
+    if isinstance(cache, CacheConfig):
+        return FeatureCache(cache), True
+    if isinstance(cache, str):
+        return FeatureCache(CacheConfig.parse(cache)), True
+    raise TypeError(
+        "cache must be a FeatureCache, CacheConfig, tier list such as 'memory,disk', or None, "
+        f"got {type(cache).__name__}"
+    )
+
+
+def _forward(model: Any, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
+    with torch.inference_mode():
+        x = x.to(model.compute_dtype)
+        ctx = (
+            torch.autocast("cpu", dtype=model.autocast_dtype)
+            if model.autocast_dtype
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return model.forward_features(x).float()
+
+
+def encode_report(
+    images: ImageLike | Sequence[ImageLike],
+    model: Any,
+    *,
+    cache: CacheLike = "memory",
+    batch: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> EncodeReport:
+    """Like :func:`encode`, and also count hits, misses and time (see :class:`EncodeReport`)."""
+    from vitedge.data import build_transform
+    from vitedge.models import Encoder, load
+
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    enc = load(model) if isinstance(model, str) else model
+    if not isinstance(enc, Encoder):
+        raise TypeError(f"model must be a model id or a vitedge Encoder, got {type(model).__name__}")
+    items = (
+        [images] if isinstance(images, str | Path | Image.Image | np.ndarray | torch.Tensor) else list(images)
+    )
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        items = list(images)
+    store, owned = _as_cache(cache)
+    ns = Namespace.of(enc)
+    digest = ns.digest
+    transform = build_transform(enc.preprocess)
+    report = EncodeReport(features=torch.empty(0), namespace=digest)
+    try:
+        if store is not None:
+            store.register(digest, ns.to_json())
+        out: list[torch.Tensor | None] = [None] * len(items)
+        pending: list[tuple[int, str, torch.Tensor]] = []
+        done = 0
+        for i, item in enumerate(items):
+            px = _pixels(item)
+            content = content_digest(px.numpy())
+            if store is not None:
+                t0 = time.perf_counter()
+                cached = store.get(digest, content)
+                report.lookup_s += time.perf_counter() - t0
+                if cached is not None:
+                    out[i] = torch.from_numpy(cached)
+                    report.hits += 1
+                    done += 1
+                    if progress:
+                        progress(done)
+                    continue
+            pending.append((i, content, transform.batch(px)))
+            if len(pending) == batch:
+                done += _compute(enc, pending, out, store, digest, report)
+                pending = []
+                if progress:
+                    progress(done)
+        if pending:
+            done += _compute(enc, pending, out, store, digest, report)
+            if progress:
+                progress(done)
+        report.features = torch.stack([t for t in out if t is not None]) if items else torch.empty(0)
+        return report
+    finally:
+        if owned and store is not None:
+            store.close()
+
+
+def _compute(
+    enc: Any,
+    pending: list[tuple[int, str, torch.Tensor]],
+    out: list[torch.Tensor | None],
+    store: FeatureCache | None,
+    namespace: str,
+    report: EncodeReport,
+) -> int:
+    t0 = time.perf_counter()
+    feats = _forward(enc, torch.stack([x for _, _, x in pending]))
+    elapsed = time.perf_counter() - t0
+    report.compute_s += elapsed
+    report.misses += len(pending)
+    for (i, content, _), f in zip(pending, feats, strict=True):
+        if store is None:
+            out[i] = f
+        else:
+            # What a later hit returns (fp16/int8 rounded), so hits and misses agree exactly.
+            out[i] = torch.from_numpy(store.put(namespace, content, f.numpy(), cost=elapsed / len(pending)))
+    return len(pending)
+
+
+def encode(
+    images: ImageLike | Sequence[ImageLike],
+    model: Any,
+    *,
+    cache: CacheLike = "memory",
+    batch: int = 16,
+) -> torch.Tensor:
+    """Encoder features ``(B, N, D)`` float32 for images, from the cache where it holds them.
+
+    Args:
+        images: one image or a sequence: file paths, PIL images, uint8 arrays ``(H, W[, C])`` or uint8 tensors
+            ``(C, H, W)`` (or a uint8 batch ``(B, C, H, W)``).
+        model: a loaded :class:`~vitedge.models.base.Encoder` or a model id.
+        cache: a :class:`FeatureCache` (reused across calls), a :class:`CacheConfig`, a tier list such as
+            ``"memory,disk,redis"``, or None to compute without caching. A config or string builds a cache
+            for this call only; pass a FeatureCache to keep the memory tier warm between calls.
+        batch: images per forward for the misses.
+
+    Returns:
+        The features, rounded through the cache's value format (fp16 by default) when a cache is used, so a
+        hit and a miss give the same tensor.
+
+    Raises:
+        ValueError: a bad tier name, image, or batch size; TypeError: a wrong argument type.
+    """
+    return encode_report(images, model, cache=cache, batch=batch).features
+
+
+def list_images(directory: str | Path, *, limit: int | None = None) -> list[Path]:
+    """Image files under ``directory`` (recursively, sorted); ``imagenet-sample`` names the shared sample."""
+    from vitedge.data import IMAGE_EXTENSIONS
+    from vitedge.paths import data_root
+
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {limit}")
+    root = (
+        data_root() / "imagenet-sample"
+        if str(directory) == "imagenet-sample"
+        else Path(directory).expanduser()
+    )
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files[:limit]
+
+
+def _single_image_ms(enc: Any, path: Path) -> float:
+    from vitedge.data import build_transform
+
+    x = build_transform(enc.preprocess)(Image.open(path).convert("RGB")).unsqueeze(0)
+    _forward(enc, x)
+    t0 = time.perf_counter()
+    _forward(enc, x)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_encode(
+    model_id: str,
+    directory: str | Path,
+    *,
+    cache: str = "memory,disk",
+    value_format: str = "fp16",
+    batch: int = 16,
+    limit: int | None = None,
+    threads: int = 2,
+    cache_dir: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Encode every image under ``directory`` through the cache; report hits and time saved."""
+    files = list_images(directory, limit=limit)
+    config = CacheConfig.parse(cache, value_format=value_format, disk_dir=cache_dir)
+    torch.set_num_threads(threads)
+    enc = load_seeded(model_id)
+    t0 = time.perf_counter()
+    with FeatureCache(config) as store:
+        rep = encode_report(
+            files,
+            enc,
+            cache=store,
+            batch=batch,
+            progress=(lambda n: progress(n, len(files))) if progress else None,
+        )
+        total_s = time.perf_counter() - t0
+        per_image_ms = rep.compute_s * 1e3 / rep.misses if rep.misses else _single_image_ms(enc, files[0])
+        tiers = store.report()
+    saved = max(rep.hits * per_image_ms / 1e3 - rep.lookup_s, 0.0)
+    return {
+        "model": model_id,
+        "images": len(files),
+        "hits": rep.hits,
+        "misses": rep.misses,
+        "hit_rate": rep.hits / len(files),
+        "time_s": total_s,
+        "compute_s": rep.compute_s,
+        "lookup_s": rep.lookup_s,
+        "compute_ms_per_image": per_image_ms,
+        "time_saved_s": saved,
+        "namespace": rep.namespace,
+        "value_format": value_format,
+        "shape": list(rep.features.shape[1:]),
+        "tiers": tiers,
+    }
+
+
+def load_seeded(model_id: str, **kwargs: Any) -> Any:
+    """``vitedge.models.load`` with torch's RNG seeded to 0, so that random-weight models (``timm:``,
+    ``hf:vit``) get the same weights, hence the same cache namespace, in every process."""
+    from vitedge.models import load
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return load(model_id, **kwargs)
+
+
+def _store_for_admin(cache: str, cache_dir: str | None) -> FeatureCache:
+    config = CacheConfig.parse(cache, disk_dir=cache_dir)
+    if "memory" in config.tiers:
+        raise ValueError(
+            "the memory tier lives inside one process; 'cache' commands take disk, redis, redis-cluster"
+        )
+    return FeatureCache(config)
+
+
+def run_cache_stats(*, cache: str = "disk,redis", cache_dir: str | None = None) -> dict[str, Any]:
+    """What each persistent tier holds, and the namespaces (model, weights, settings) it holds them for."""
+    with _store_for_admin(cache, cache_dir) as store:
+        tiers = {tier.name: tier.info() for tier in store.tiers}
+        namespaces = store.namespaces()
+    return {
+        "tiers": tiers,
+        "namespaces": [
+            {"namespace": ns, "model_id": meta.get("model_id"), "configs": meta.get("configs", [])}
+            for ns, meta in sorted(namespaces.items())
+        ],
+    }
+
+
+def run_cache_invalidate(
+    model_id: str, *, cache: str = "disk,redis", cache_dir: str | None = None
+) -> dict[str, Any]:
+    """Drop every namespace of ``model_id`` (any weights, preprocessing or optimisation) from the tiers."""
+    if not model_id:
+        raise ValueError("--model must name a model id, e.g. timm:vit_base_patch16_224")
+    with _store_for_admin(cache, cache_dir) as store:
+        matching = [ns for ns, meta in store.namespaces().items() if meta.get("model_id") == model_id]
+        dropped: dict[str, int] = {t.name: 0 for t in store.tiers}
+        for ns in matching:
+            for name, n in store.drop_namespace(ns).items():
+                dropped[name] += n
+    return {"model": model_id, "namespaces": matching, "entries_dropped": dropped}

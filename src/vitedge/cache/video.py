@@ -1,0 +1,259 @@
+"""``vitedge video MODEL FILE``: temporal token reuse on a video against full per-frame encoding.
+
+Keyframes come every ``keyframe_interval`` frames and at scene cuts (Bhattacharyya distance between the HSV
+histograms of consecutive frames above ``cut_threshold``). Between keyframes a patch-level gate marks the
+16x16 patches whose mean absolute pixel change (pixels in [0, 1]) since their last recomputation exceeds
+``pixel_threshold``; those tokens, and the tokens the per-block gates of :mod:`vitedge.cache.eventful` pass,
+are recomputed, the rest reused. Both paths run on every frame in the same process, interleaved, so the
+time ratio is measured rather than estimated; the FLOP ratio counts the matmul MACs each path performs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitedge.cache.eventful import ReuseEngine, block_macs, check_supported, run_reused
+
+__all__ = ["SceneCutDetector", "VideoConfig", "patch_change", "run_video"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoConfig:
+    """Settings of temporal reuse (the defaults are the command's; no per-video tuning).
+
+    Attributes:
+        keyframe_interval: a full encode every this many frames.
+        threshold: relative L2 change of a token's input to a block stage that recomputes it.
+        pixel_threshold: mean absolute change of a patch's pixels (0..1) that recomputes its token.
+        cut_threshold: HSV-histogram Bhattacharyya distance (0..1) between frames that marks a scene cut.
+    """
+
+    keyframe_interval: int = 30
+    threshold: float = 0.1
+    pixel_threshold: float = 0.02
+    cut_threshold: float = 0.3
+    flow: bool = False
+
+    def __post_init__(self) -> None:
+        if self.keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
+        for name in ("threshold", "pixel_threshold", "cut_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.flow:
+            raise ValueError("optical-flow warping is not implemented yet; run with --no-flow")
+
+
+def patch_change(frame: np.ndarray, ref: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Mean absolute change per patch: frames ``(H, W, 3)`` float in [0, 1] -> ``(gh * gw,)`` row-major."""
+    gh, gw = grid
+    h, w = frame.shape[0] // gh, frame.shape[1] // gw
+    d = np.abs(frame[: gh * h, : gw * w] - ref[: gh * h, : gw * w])
+    return d.reshape(gh, h, gw, w, -1).mean(axis=(1, 3, 4)).reshape(-1)
+
+
+class SceneCutDetector:
+    """Bhattacharyya distance between the HSV histograms of consecutive frames (8x8x8 bins)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._prev: np.ndarray | None = None
+        self.last_distance = 0.0
+
+    def __call__(self, rgb: np.ndarray) -> bool:
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+        hist = cv2.calcHist([hsv], [0, 1, 2], None, [8, 8, 8], [0, 180, 0, 256, 0, 256])
+        hist = cv2.normalize(hist, hist).flatten()
+        prev, self._prev = self._prev, hist
+        if prev is None:
+            return False
+        self.last_distance = float(cv2.compareHist(prev, hist, cv2.HISTCMP_BHATTACHARYYA))
+        return self.last_distance > self.threshold
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor, num_prefix: int) -> float:
+    # a, b: (1, N, D) -> mean over patch tokens of the cosine similarity
+    return F.cosine_similarity(a[0, num_prefix:], b[0, num_prefix:], dim=-1).mean().item()
+
+
+@dataclass
+class _Trace:
+    cosine: list[float] = field(default_factory=list)
+    naive: list[float] = field(default_factory=list)
+    recomputed: list[float] = field(default_factory=list)  # share of patch tokens through the first qkv
+    keyframes: list[int] = field(default_factory=list)
+    cuts: list[int] = field(default_factory=list)
+    full_s: float = 0.0
+    reuse_s: float = 0.0
+    full_macs: int = 0
+    reuse_macs: int = 0
+
+
+def _frame_macs(blocks: list[Any], n: int, work: Any) -> int:
+    return sum(
+        block_macs(v, n, q, p, m) for v, q, p, m in zip(blocks, work.qkv, work.proj, work.mlp, strict=True)
+    )
+
+
+def run_video(
+    model_id: str,
+    file: str | Path,
+    *,
+    config: VideoConfig | None = None,
+    max_frames: int | None = None,
+    plot: Path | None = None,
+    img_size: int | None = None,
+    weights: Path | None = None,
+    threads: int = 2,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Encode every frame both ways and report the contract's ``video`` keys (see CONTRACT.md)."""
+    from vitedge.cache.encode import load_seeded
+    from vitedge.data import build_transform, iter_frames, video_info
+    from vitedge.measure.cost import analyze
+
+    config = config or VideoConfig()
+    video_info(file)  # a clear error for a missing or unreadable file
+    torch.set_num_threads(threads)
+    enc = load_seeded(model_id, weights=weights, img_size=img_size)
+    if enc.preprocess.in_chans != 3:
+        raise ValueError(f"{model_id} takes {enc.preprocess.in_chans}-channel images; video needs RGB models")
+    transform = build_transform(enc.preprocess)
+    blocks = enc.blocks
+    n_prefix = enc.layout.num_prefix
+    n_tokens = enc.layout.num_tokens
+    embed_macs = _outside_blocks_macs(enc, analyze, n_tokens)
+    engine = ReuseEngine(blocks, num_prefix=n_prefix, threshold=config.threshold)
+    cuts = SceneCutDetector(config.cut_threshold)
+    tr = _Trace()
+    ref_px: np.ndarray | None = None
+    naive_feats: torch.Tensor | None = None
+    since_key = 0
+    from vitedge.commands import _progress
+
+    total = max_frames or video_info(file).frames or None
+    with torch.inference_mode(), _progress(console) as progress:
+        task = progress.add_task(f"video {Path(file).name}", total=total)
+        for i, rgb in enumerate(iter_frames(file, size=enc.img_size, max_frames=max_frames)):
+            x = transform.batch(torch.from_numpy(rgb).permute(2, 0, 1)).unsqueeze(0)
+            if i == 0:
+                check_supported(enc, x)
+                enc.forward_features(x)  # warm-up of both paths before timing
+            t0 = time.perf_counter()
+            full = enc.forward_features(x)
+            tr.full_s += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            px = rgb.astype(np.float32) / 255.0
+            is_cut = cuts(rgb)
+            keyframe = i == 0 or is_cut or since_key >= config.keyframe_interval
+            changed = None
+            if keyframe or ref_px is None:
+                ref_px, since_key = px, 0
+            else:
+                moved = np.flatnonzero(patch_change(px, ref_px, enc.layout.grid) > config.pixel_threshold)
+                gh, gw = enc.layout.grid
+                ph, pw = px.shape[0] // gh, px.shape[1] // gw
+                for j in moved:  # the reference follows what was recomputed
+                    r, c = divmod(int(j), gw)
+                    ref_px[r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = px[
+                        r * ph : (r + 1) * ph, c * pw : (c + 1) * pw
+                    ]
+                changed = torch.from_numpy(moved)
+            feats, work = run_reused(enc, engine, x, full=keyframe, changed=changed)
+            tr.reuse_s += time.perf_counter() - t0
+            since_key += 1
+
+            if keyframe:
+                tr.keyframes.append(i)
+                naive_feats = full
+            if is_cut:
+                tr.cuts.append(i)
+            assert naive_feats is not None
+            tr.cosine.append(_cosine(feats, full, n_prefix))
+            tr.naive.append(_cosine(naive_feats, full, n_prefix))
+            tr.recomputed.append((work.qkv[0] - n_prefix) / enc.layout.num_patches)
+            tr.full_macs += embed_macs + _frame_macs(blocks, n_tokens, _all(work, n_tokens))
+            tr.reuse_macs += embed_macs + _frame_macs(blocks, n_tokens, work)
+            progress.advance(task)
+    if not tr.cosine:
+        raise ValueError(f"{file} holds no frame OpenCV can decode")
+    out = {
+        "model": model_id,
+        "video": str(file),
+        "frames": len(tr.cosine),
+        "flops_ratio": tr.full_macs / tr.reuse_macs,
+        "time_ratio": tr.full_s / tr.reuse_s,
+        "mean_cosine": float(np.mean(tr.cosine)),
+        "min_cosine": float(np.min(tr.cosine)),
+        "naive_mean_cosine": float(np.mean(tr.naive)),
+        "naive_min_cosine": float(np.min(tr.naive)),
+        "scene_cuts": tr.cuts,
+        "keyframes": len(tr.keyframes),
+        "mean_tokens_recomputed": float(np.mean(tr.recomputed)),
+        "full_s": tr.full_s,
+        "reuse_s": tr.reuse_s,
+        "config": {
+            "keyframe_interval": config.keyframe_interval,
+            "threshold": config.threshold,
+            "pixel_threshold": config.pixel_threshold,
+            "cut_threshold": config.cut_threshold,
+        },
+    }
+    if plot is not None:
+        _plot(tr, plot, title=f"{model_id} on {Path(file).name}")
+        out["plot"] = str(plot)
+    return out
+
+
+def _outside_blocks_macs(enc: Any, analyze: Any, n_tokens: int) -> int:
+    """MACs outside the blocks (patch embedding, head): the same for both paths."""
+    try:
+        total = analyze(enc.arch()).macs
+    except Exception as e:  # the cost model is optional here; both paths spend these MACs alike
+        log.warning("cost model unavailable for %s (%s); FLOP ratio counts the blocks only", enc.model_id, e)
+        return 0
+    return int(total - sum(block_macs(v, n_tokens, n_tokens, n_tokens, n_tokens) for v in enc.blocks))
+
+
+def _all(work: Any, n: int) -> Any:
+    from vitedge.cache.eventful import FrameWork
+
+    k = len(work.qkv)
+    return FrameWork(qkv=[n] * k, proj=[n] * k, mlp=[n] * k)
+
+
+def _plot(tr: _Trace, path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    frames = np.arange(len(tr.cosine))
+    ax1.plot(frames, tr.cosine, label="token reuse", lw=1)
+    ax1.plot(frames, tr.naive, label="naive keyframe reuse", lw=1, alpha=0.7)
+    ax1.set_ylabel("cosine to full encode")
+    ax1.legend(loc="lower left")
+    ax2.plot(frames, np.array(tr.recomputed) * 100, lw=1, color="tab:green")
+    ax2.set_ylabel("patch tokens recomputed (%)")
+    ax2.set_xlabel("frame")
+    for ax in (ax1, ax2):
+        for c in tr.cuts:
+            ax.axvline(c, color="red", lw=0.8, alpha=0.6)
+    ax1.set_title(title + " (red: scene cuts)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,105 @@
+"""vitedge.encode and the encode / cache CLI commands, on vit4mnist and DeiT-Ti with real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vitedge
+from vitedge.cache import CacheConfig, FeatureCache
+from vitedge.cli import app
+from vitedge.models import load
+from vitedge.paths import data_root
+
+runner = CliRunner()
+
+
+def digits(n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(n)]
+
+
+def test_encode_hits_match_misses_and_the_model() -> None:
+    enc = load("vit4mnist")
+    cache = FeatureCache(CacheConfig(tiers=("memory",)))
+    images = digits(5)
+    first = vitedge.encode(images, enc, cache=cache)
+    assert first.shape == (5, 17, 64)
+    assert cache.stats["memory"].misses == 5
+    second = vitedge.encode(images, enc, cache=cache)
+    assert cache.stats["memory"].hits == 5
+    assert torch.equal(first, second)
+    plain = vitedge.encode(images, enc, cache=None)
+    assert torch.allclose(first, plain, atol=2e-3 * plain.abs().max().item())
+
+
+def test_weights_change_never_hits_old_entries() -> None:
+    enc = load("vit4mnist")
+    cache = FeatureCache(CacheConfig(tiers=("memory",)))
+    images = digits(3)
+    old = vitedge.encode(images, enc, cache=cache)
+    with torch.no_grad():
+        enc.blocks[0].mlp[0].weight.mul_(1.5) if isinstance(enc.blocks[0].mlp, torch.nn.Sequential) else next(
+            enc.blocks[0].mlp.parameters()
+        ).mul_(1.5)
+    new = vitedge.encode(images, enc, cache=cache)
+    assert cache.stats["memory"].hits == 0
+    assert not torch.allclose(old, new)
+    assert torch.allclose(new, vitedge.encode(images, enc, cache=None), atol=1e-2)
+
+
+def test_preprocessing_and_configs_change_the_namespace() -> None:
+    from vitedge.cache.keys import Namespace
+
+    a = load("timm:deit_tiny_patch16_224")
+    base = Namespace.of(a)
+    vitedge.optimize_(a, vitedge.Bf16Config())
+    assert Namespace.of(a).digest != base.digest
+    b = load("timm:deit_tiny_patch16_224", img_size=160)
+    assert Namespace.of(b).digest != base.digest
+
+
+def test_encode_rejects_bad_input() -> None:
+    enc = load("vit4mnist")
+    with pytest.raises(ValueError, match="unknown cache tier 'tape'"):
+        vitedge.encode(digits(1), enc, cache="memory,tape")
+    with pytest.raises(ValueError, match="uint8"):
+        vitedge.encode(torch.zeros(1, 28, 28), enc, cache=None)
+
+
+def test_cli_encode_then_served_from_cache(tmp_path: Path) -> None:
+    src = data_root() / "imagenet-sample"
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in sorted(src.iterdir())[:4]:
+        (folder / p.name).symlink_to(p)
+    args = ["encode", "timm:deit_tiny_patch16_224", str(folder), "--cache", "memory,disk"]
+    args += ["--cache-dir", str(tmp_path / "c"), "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    out1 = json.loads(first.stdout)
+    assert out1["images"] == 4 and out1["misses"] == 4 and out1["hit_rate"] == 0.0
+    second = json.loads(runner.invoke(app, args).stdout)
+    assert second["hit_rate"] == 1.0 and second["tiers"]["disk"]["hits"] == 4
+    assert second["time_saved_s"] >= 0 and second["shape"] == [197, 192]
+
+    admin = ["--cache", "disk", "--cache-dir", str(tmp_path / "c"), "--json"]
+    stats = json.loads(runner.invoke(app, ["cache", "stats", *admin]).stdout)
+    assert stats["tiers"]["disk"]["entries"] >= 4
+    assert stats["namespaces"][0]["model_id"] == "timm:deit_tiny_patch16_224"
+    inv = runner.invoke(app, ["cache", "invalidate", "--model", "timm:deit_tiny_patch16_224", *admin])
+    assert json.loads(inv.stdout)["entries_dropped"]["disk"] == 4
+    third = json.loads(runner.invoke(app, args).stdout)
+    assert third["hit_rate"] == 0.0
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["encode", "vit4mnist", str(tmp_path), "--cache", "memory,ssd"])
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["cache", "stats", "--cache", "memory"])
+    assert res.exit_code == 2 and "memory tier" in res.output

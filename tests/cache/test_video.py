@@ -1,0 +1,101 @@
+"""Per-block token reuse (eventful) and the video command, on small models and a few real frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vitedge.cache.eventful import ReuseEngine, check_supported, run_reused
+from vitedge.cache.video import SceneCutDetector, VideoConfig, patch_change, run_video
+from vitedge.cli import app
+from vitedge.models import load
+from vitedge.paths import data_root
+
+
+@pytest.fixture(scope="module")
+def deit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return load("timm:deit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize("model_id", ["vit4mnist", "timm:deit_tiny_patch16_224"])
+def test_neutral_threshold_reproduces_the_model(model_id: str) -> None:
+    torch.manual_seed(0)
+    enc = load(model_id)
+    a, b = enc.example_input(2)
+    a, b = a[None], b[None]
+    check_supported(enc, a)
+    engine = ReuseEngine(enc.blocks, num_prefix=enc.layout.num_prefix, threshold=0.0)
+    with torch.inference_mode():
+        run_reused(enc, engine, a, full=True)
+        got, work = run_reused(enc, engine, b, full=False)
+        want = enc.forward_features(b)
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item())
+    assert work.qkv[0] == enc.layout.num_tokens
+
+
+def test_static_frame_recomputes_only_the_class_token(deit: torch.nn.Module) -> None:
+    x = deit.example_input(1)
+    engine = ReuseEngine(deit.blocks, num_prefix=1, threshold=0.1)
+    with torch.inference_mode():
+        first, _ = run_reused(deit, engine, x, full=True)
+        again, work = run_reused(deit, engine, x, full=False, changed=torch.tensor([], dtype=torch.long))
+    assert work.qkv == [1] * len(deit.blocks)
+    assert torch.allclose(first, again, atol=1e-5)
+
+
+def test_swin_is_refused_clearly() -> None:
+    enc = load("timm:swin_tiny_patch4_window7_224")
+    with pytest.raises(ValueError, match="Swin"):
+        ReuseEngine(enc.blocks, num_prefix=0, threshold=0.1)
+
+
+def test_patch_change_and_scene_cuts() -> None:
+    a = np.zeros((32, 32, 3), np.float32)
+    b = a.copy()
+    b[:16, 16:] = 0.5
+    change = patch_change(b, a, (2, 2))
+    assert change.tolist() == [0.0, 0.5, 0.0, 0.0]
+    det = SceneCutDetector(0.3)
+    rng = np.random.default_rng(0)
+    dark = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+    assert not det(dark) and not det(dark)
+    assert det(255 - dark)
+
+
+def test_video_config_errors() -> None:
+    with pytest.raises(ValueError, match="keyframe_interval"):
+        VideoConfig(keyframe_interval=0)
+    with pytest.raises(ValueError, match="pixel_threshold"):
+        VideoConfig(pixel_threshold=2.0)
+
+
+def test_run_video_contract_keys(tmp_path: Path) -> None:
+    video = data_root() / "video" / "vtest.avi"
+    out = run_video(
+        "timm:deit_tiny_patch16_224",
+        video,
+        config=VideoConfig(keyframe_interval=4),
+        max_frames=6,
+        plot=tmp_path / "p.png",
+    )
+    for key in ("frames", "flops_ratio", "time_ratio", "mean_cosine", "min_cosine", "naive_mean_cosine"):
+        assert isinstance(out[key], float | int)
+    assert out["frames"] == 6 and out["scene_cuts"] == [] and out["keyframes"] == 2
+    assert out["flops_ratio"] > 1.5
+    assert out["mean_cosine"] > out["naive_mean_cosine"]
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_video_cli_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = tmp_path / "x.avi"
+    bad.write_bytes(b"not a video")
+    res = runner.invoke(app, ["video", "vit4mnist", str(bad), "--json"])
+    assert res.exit_code == 2 and "error" in res.output
+    res = runner.invoke(app, ["video", "vit4mnist", str(tmp_path / "missing.avi")])
+    assert res.exit_code == 2 and "does not exist" in res.output
