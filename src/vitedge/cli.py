@@ -283,6 +283,9 @@ def train_(
     ] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="progress every N steps")] = None,
     out: Annotated[str | None, typer.Option("--out", help="run folder (default runs/<model>)")] = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="start from these .safetensors weights (fine-tune)")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run checkpointed in --out")] = False,
     install: Annotated[
         bool, typer.Option("--install", help="copy the weights into vitedge/models/weights/")
