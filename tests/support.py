@@ -31,3 +31,19 @@ def load_cached(model_id: str):
         torch.manual_seed(0)
         _cache[model_id] = load(model_id, **dict(SUPPORTED)[model_id])
     return _cache[model_id]
+
+
+# The ViT-B-sized representatives: every technique still runs on them, but with one setting each, so the
+# suite stays within minutes on two cores.
+HEAVY_IDS = {
+    "timm:vit_base_patch32_clip_224",
+    "timm:vit_base_patch16_siglip_224",
+    "hf:vit",
+    "hf:clip-vision",
+    "hf:siglip-vision",
+}
+
+
+def coverage(settings: list[str], heavy_setting: str) -> list[tuple[str, str]]:
+    """(model id, setting) pairs: every setting on the small models, ``heavy_setting`` on the heavy ones."""
+    return [(m, s) for m in SUPPORTED_IDS for s in settings if m not in HEAVY_IDS or s == heavy_setting]

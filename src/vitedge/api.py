@@ -27,6 +27,8 @@ _TECHNIQUE_MODULES = (
     "vitedge.compress.bf16",
     "vitedge.compress.quant",
     "vitedge.compress.structured",
+    "vitedge.compress.mixed",
+    "vitedge.compress.sparse",
     "vitedge.tokens.merge",
     "vitedge.tokens.prune",
     "vitedge.tokens.adaptive",
