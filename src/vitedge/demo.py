@@ -2,8 +2,8 @@
 
 For each model, every variant is evaluated on the same batches as the unmodified model (one pass over
 the data) and timed interleaved with it in this process, so every speed-up and accuracy delta in the table
-is a same-run comparison. CIFAR-10 models are evaluated on the first ``CIFAR_LIMIT`` test images to keep the demo short
-(``vitedge eval MODEL --data cifar10`` gives the full 10,000).
+is a same-run comparison. CIFAR-10 models are evaluated on the first ``CIFAR_LIMIT`` test images to keep
+the demo short (``vitedge eval MODEL --data cifar10`` gives the full 10,000).
 """
 
 from __future__ import annotations
