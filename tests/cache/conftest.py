@@ -12,10 +12,22 @@ from pathlib import Path
 import pytest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(*, cluster: bool = False) -> int:
+    """A free loopback port; for a cluster node also a free cluster-bus port (port + 10000 < 65536)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not cluster:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free loopback port pair for a redis cluster node")
 
 
 def start_redis(workdir: Path, *extra: str) -> tuple[subprocess.Popen, int]:
@@ -26,7 +38,7 @@ def start_redis(workdir: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     if exe is None:
         pytest.fail("redis-server is not installed; 'make test' installs it (apt-get install redis-server)")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port(cluster="--cluster-enabled" in extra)
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     args += ["--dir", str(workdir), *extra]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -250,7 +250,9 @@ def run_encode(
     files = list_images(directory, limit=limit)
     config = CacheConfig.parse(cache, value_format=value_format, disk_dir=cache_dir)
     torch.set_num_threads(threads)
-    enc = load_seeded(model_id)
+    from vitedge.models import load
+
+    enc = load(model_id)  # random-weight models come from a fixed seed: a stable namespace
     t0 = time.perf_counter()
     with FeatureCache(config) as store:
         rep = encode_report(
@@ -280,16 +282,6 @@ def run_encode(
         "shape": list(rep.features.shape[1:]),
         "tiers": tiers,
     }
-
-
-def load_seeded(model_id: str, **kwargs: Any) -> Any:
-    """``vitedge.models.load`` with torch's RNG seeded to 0, so that random-weight models (``timm:``,
-    ``hf:vit``) get the same weights, hence the same cache namespace, in every process."""
-    from vitedge.models import load
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return load(model_id, **kwargs)
 
 
 def _store_for_admin(cache: str, cache_dir: str | None) -> FeatureCache:

@@ -119,14 +119,14 @@ def run_video(
     console: Any = None,
 ) -> dict[str, Any]:
     """Encode every frame both ways and report the contract's ``video`` keys (see CONTRACT.md)."""
-    from vitedge.cache.encode import load_seeded
     from vitedge.data import build_transform, iter_frames, video_info
     from vitedge.measure.cost import analyze
+    from vitedge.models import load
 
     config = config or VideoConfig()
     video_info(file)  # a clear error for a missing or unreadable file
     torch.set_num_threads(threads)
-    enc = load_seeded(model_id, weights=weights, img_size=img_size)
+    enc = load(model_id, weights=weights, img_size=img_size)
     if enc.preprocess.in_chans != 3:
         raise ValueError(f"{model_id} takes {enc.preprocess.in_chans}-channel images; video needs RGB models")
     transform = build_transform(enc.preprocess)

@@ -19,10 +19,9 @@ blocks) actually keeps alive, per image, with ``I``, ``H``, ``O`` the layer's ``
 
 * always: the input images, which the caller holds for the whole forward, in float32 (4 bytes per element),
   plus their cast to the activation dtype where that is not float32 (``Encoder.forward`` casts them);
-* ``held``: residual-stream tensors that enclosing calls still reference: the patch-embedding output (held
-  by ``forward_features`` while the block sequence runs), the input and output of the latest patch merge
-  (held by the stage), and during an MLP sub-block the block's input (held by the block's caller); each
-  counts once, and not when it is the layer's own input;
+* ``held``: residual-stream tensors that enclosing calls still reference. vitedge runs the block loop
+  itself and rebinds the stream, so the patch-embedding and patch-merge outputs live on only as the next
+  block's input; during an MLP sub-block the block's input is held by the loop;
 * ``embed``: ``I`` is the image itself; the convolution output ``P`` (patches x width, from its op) is
   written once in the backend's blocked layout and once in plain layout, the backend also reorders the
   kernel (a batch-independent copy of the weight), then the class-token concatenation and the
@@ -213,15 +212,11 @@ def live_activations(
         fused_attention: False makes every attention op materialise its scores.
         weight_bytes: bytes per matrix weight, for the embedding's reordered-kernel copy.
     """
-    embed_out = 0  # held by forward_features while blocks run
-    merge_pair = 0  # input + output of the latest merge, held by its stage
-    input_held = 0  # elements of the current stream tensor already counted as held
-    block_in = 0  # extra block input held during the MLP (0 when it is already held)
+    block_in = 0  # the block input the loop holds while the block's MLP runs
     lives: list[LiveActivations] = []
     for layer in spec.layers:
         i, h, o = layer.in_elements, layer.hidden_elements, layer.out_elements
-        held = embed_out + merge_pair - input_held
-        live = LiveActivations(name=layer.name, per_image=held + i + h + o)
+        live = LiveActivations(name=layer.name, per_image=i + h + o)
         if layer.kind == "embed":
             lin = [op for op in layer.ops if isinstance(op, LinearOp)]
             conv_out = lin[0].tokens * lin[0].out_features if lin else h
@@ -232,19 +227,15 @@ def live_activations(
                 transient_per_image=max(conv_out, 2 * o),
                 fixed_bytes=fixed,
             )
-            embed_out, merge_pair, input_held = o, 0, o
         elif layer.kind == "attn":
             own = _attn_elements(layer, fused_attention=fused_attention, windowed=spec.family == "swin")
-            live = LiveActivations(name=layer.name, per_image=held + own)
-            block_in = 0 if input_held else i
-            input_held = 0
+            live = LiveActivations(name=layer.name, per_image=own)
+            block_in = i
         elif layer.kind == "mlp":
-            live = LiveActivations(name=layer.name, per_image=held + block_in + 2 * i + 2 * h)
-            block_in, input_held = 0, 0
+            live = LiveActivations(name=layer.name, per_image=block_in + 2 * i + 2 * h)
+            block_in = 0
         elif layer.kind == "merge":
-            # the previous stage has returned: only the embedding output is still held
-            live = LiveActivations(name=layer.name, per_image=embed_out + i + 2 * h + o)
-            merge_pair, input_held = i + o, o
+            live = LiveActivations(name=layer.name, per_image=i + 2 * h + o)
         elif layer.kind == "head":
             live = LiveActivations(name=layer.name, per_image=2 * i + o)
         lives.append(live)
