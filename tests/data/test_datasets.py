@@ -230,3 +230,10 @@ def test_missing_dataset_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("VITEDGE_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte\.gz does not exist"):
         open_dataset("mnist", MNIST_PRE)
+
+
+def test_cifar_limit_spreads_over_every_class() -> None:
+    """CIFAR-10 is stored class by class: a limited subset must still hold every class equally."""
+    ds = open_dataset("cifar10", CIFAR_PRE, limit=500)
+    counts = np.bincount(ds.labels, minlength=10)
+    assert len(ds) == 500 and counts.min() == counts.max() == 50

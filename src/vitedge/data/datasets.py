@@ -159,7 +159,8 @@ class Cifar10(ArrayDataset):
         split: ``"train"`` (50,000 images) or ``"test"`` (10,000).
         root: the data root; default :func:`vitedge.paths.data_root`.
         transform: see :class:`ArrayDataset`.
-        limit: keep only the first ``limit`` images (of the class-sorted order).
+        limit: keep ``limit`` images evenly spaced over the class-sorted set (every class equally
+            represented; the first ``limit`` would be the first classes only).
         progress: ``progress(done, total)`` while decoding on a cache miss.
         use_cache: read and write the ``.npy`` cache.
     """
@@ -182,7 +183,11 @@ class Cifar10(ArrayDataset):
         tar_path = (Path(root) if root is not None else data_root()) / "cifar10" / f"{split}.tar.gz"
         arrays = read_jpeg_tar_cached(tar_path, split, use_cache=use_cache, progress=progress)
         self.split = split
-        super().__init__(arrays.images, arrays.labels, arrays.classes, transform=transform, limit=limit)
+        images, labels = arrays.images, arrays.labels
+        if limit is not None and limit < len(labels):
+            idx = np.linspace(0, len(labels) - 1, limit).round().astype(np.int64)
+            images, labels = images[idx], labels[idx]
+        super().__init__(images, labels, arrays.classes, transform=transform)
 
 
 class FileDataset(Dataset[tuple[torch.Tensor, int]]):
