@@ -17,7 +17,7 @@ from safetensors.torch import save_model
 from vitedge import __version__
 from vitedge.api import config_to_dict, describe, optimize_
 from vitedge.data import as_tensor_batches, open_dataset
-from vitedge.measure.bench import BenchConfig, bench
+from vitedge.measure.bench import BenchConfig, bench, bench_against_baseline
 from vitedge.measure.cost import analyze
 from vitedge.measure.evaluate import evaluate
 from vitedge.models import OPTIMIZED_MANIFEST, Encoder, load
@@ -214,29 +214,22 @@ def run_sweep(
     }
     x = base.example_input(batch)
     cfg = BenchConfig(batch=batch, threads=threads, min_iters=3, max_iters=100, min_seconds=min_seconds)
-    rows: list[dict[str, Any]] = []
-    base_ips: list[float] = []
     with _progress(console) as progress:
         task = progress.add_task(f"sweep {model_id}", total=len(variants))
-        # Each point is timed interleaved with the baseline, so its speed-up is immune to slow drift.
-        for name, variant in variants.items():
-            b, v = bench({"baseline": base, name: variant}, x, cfg)
-            base_ips.append(b.images_per_s)
-            rows.append(
-                {
-                    "name": name,
-                    "images_per_s": v.images_per_s,
-                    "speedup": v.speedup,
-                    "p50_ms": v.p50_ms,
-                    "macs": variant.arch().macs,
-                }
-            )
-            progress.advance(task)
-        baseline: dict[str, Any] = {
-            "name": "baseline",
-            "images_per_s": sorted(base_ips)[len(base_ips) // 2],
-            "macs": base.arch().macs,
-        }
+        base_ips, timed = bench_against_baseline(
+            base, dict(variants), x, cfg, progress=lambda _name: progress.advance(task)
+        )
+        rows: list[dict[str, Any]] = [
+            {
+                "name": name,
+                "images_per_s": v.images_per_s,
+                "speedup": v.speedup,
+                "p50_ms": v.p50_ms,
+                "macs": variants[name].arch().macs,
+            }
+            for name, v in timed.items()
+        ]
+        baseline: dict[str, Any] = {"name": "baseline", "images_per_s": base_ips, "macs": base.arch().macs}
         if data is not None:
             dataset = open_dataset(data, base.preprocess, limit=limit)
             models: dict[str, torch.nn.Module] = {"baseline": base, **variants}

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from vitedge.commands import build_model, variant_name
 from vitedge.data import as_tensor_batches, open_dataset
-from vitedge.measure.bench import BenchConfig, bench
+from vitedge.measure.bench import BenchConfig, bench_against_baseline
 from vitedge.measure.counted import count_flops
 from vitedge.measure.evaluate import evaluate
 from vitedge.models import PROJECT_MODELS, load
@@ -56,34 +56,31 @@ def demo_rows(
     console.print(
         f"{model_id}: {macs / 1e6:.1f} MMACs/image, counted/analytic FLOPs {counted / (2 * macs):.4f}"
     )
-    rows = []
-    base_ips: list[float] = []
-    for name, model in models.items():
-        if name == "baseline":
-            continue
-        with console.status(f"timing {model_id} {name} against the baseline"):
-            b, v = bench({"baseline": base, name: model}, x, cfg)
-        base_ips.append(b.images_per_s)
-        rows.append(
-            {
-                "model": model_id,
-                "variant": name,
-                "data": data,
-                "top1": results[name].top1,
-                "baseline_top1": results["baseline"].top1,
-                "macs": model.arch().macs,  # type: ignore[operator]
-                "images_per_s": v.images_per_s,
-                "speedup": v.speedup,
-                "batch": batch,
-            }
+    with console.status(f"timing {model_id}'s variants, each interleaved with the baseline"):
+        base_ips, timed = bench_against_baseline(
+            base, {n: m for n, m in models.items() if n != "baseline"}, x, cfg
         )
+    rows = [
+        {
+            "model": model_id,
+            "variant": name,
+            "data": data,
+            "top1": results[name].top1,
+            "baseline_top1": results["baseline"].top1,
+            "macs": models[name].arch().macs,  # type: ignore[operator]
+            "images_per_s": v.images_per_s,
+            "speedup": v.speedup,
+            "batch": batch,
+        }
+        for name, v in timed.items()
+    ]
     base_row = {
         "model": model_id,
         "variant": "baseline",
         "data": data if limit is None else f"{data} ({limit})",
         "top1": results["baseline"].top1,
         "macs": macs,
-        "images_per_s": sorted(base_ips)[len(base_ips) // 2],
+        "images_per_s": base_ips,
         "batch": batch,
     }
     return [base_row, *rows]

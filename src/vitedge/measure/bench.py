@@ -134,3 +134,27 @@ def bench(
             )
         )
     return results
+
+
+def bench_against_baseline(
+    baseline: nn.Module,
+    variants: dict[str, nn.Module],
+    x: torch.Tensor,
+    config: BenchConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[float, dict[str, BenchResult]]:
+    """Time each variant interleaved with ``baseline`` (its own pair), so slow drift cannot bias a ratio.
+
+    Returns the median of the baseline's images/s over the pairs and each variant's result (with
+    ``speedup`` against the baseline of its own pair). ``progress`` is called with each variant's name.
+    """
+    base_ips: list[float] = []
+    results: dict[str, BenchResult] = {}
+    for name, model in variants.items():
+        b, v = bench({"baseline": baseline, name: model}, x, config)
+        base_ips.append(b.images_per_s)
+        results[name] = v
+        if progress:
+            progress(name)
+    return statistics.median(base_ips) if base_ips else float("nan"), results
