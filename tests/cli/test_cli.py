@@ -40,6 +40,9 @@ def test_profile_json_keys() -> None:
 def test_eval_vit4mnist_contract() -> None:
     out = run_json("eval", "vit4mnist", "--data", "mnist")
     assert out["n"] == 10_000 and abs(out["top1"] - 0.9791) < 0.0005 and "top5" in out
+    # The first 1,000 digits calibrate vit4mnist's optimisations; the other 9,000 are held out.
+    assert out["n_holdout"] == 9_000 and 0.95 < out["top1_holdout"] < 1.0
+    assert out["top1_holdout"] != out["top1"]
 
 
 def test_eval_with_variant_and_reference() -> None:
@@ -129,3 +132,10 @@ def test_show_tokens_draws_png(tmp_path) -> None:
     assert out["tokens_out"] == 197 - 12 * 12 and png.read_bytes()[:4] == b"\x89PNG"
     bad = runner.invoke(app, ["show-tokens", "timm:deit_tiny_patch16_224", image, "--out", str(png)])
     assert bad.exit_code == 2 and "needs a token-merging" in bad.stderr
+
+
+def test_train_command_runs(tmp_path) -> None:
+    """The typer front end turns its options into a run (it once mistook its own imports for options)."""
+    args = ["train", "cifar-resnet", "--limit", "32", "--eval-limit", "16", "--batch", "16", "--epochs", "1"]
+    out = run_json(*args, "--device", "cpu", "--no-bf16", "--out", str(tmp_path / "run"))
+    assert out["status"] == "done" and out["epochs_run"] == 1 and out["weights"]

@@ -178,16 +178,65 @@ def test_time_budget_refits_the_schedule(tmp_path: Path, monkeypatch) -> None:
     assert result.history[-1]["lr"] < 0.1 * cfg.lr  # the schedule was refitted, not cut off
 
 
-def test_init_starts_from_given_weights(straight, teacher_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """--init fine-tunes: the run starts from the given weights, not from a fresh initialisation."""
+@pytest.mark.parametrize("drop_path", [None, 0.1])
+def test_init_starts_from_given_weights(
+    drop_path: float | None, straight, teacher_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """--init fine-tunes: the run starts from the given weights, not from a fresh initialisation (also when
+    --drop-path rebuilds the model)."""
     monkeypatch.setenv("VITEDGE_WEIGHTS", str(teacher_dir))
     full, _ = straight
     start = portable_state_dict(full.model.model)
     result = train(
-        _config(tmp_path, init=str(full.weights), epochs=1, lr=1e-12, mixup_alpha=0.0, cutmix_alpha=0.0)
+        _config(
+            tmp_path,
+            init=str(full.weights),
+            epochs=1,
+            lr=1e-12,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+            drop_path=drop_path,
+        )
     )
     end = portable_state_dict(result.model.model)
     moved = max((end[k].float() - start[k].float()).abs().max().item() for k in start if k in end)
     assert moved < 1e-3  # a vanishing learning rate leaves the initial weights in place
     fresh = portable_state_dict(build_project_model("cifar-vit").model)
     assert any(not torch.allclose(fresh[k], start[k]) for k in start if k in fresh)
+
+
+def test_optimize_trains_the_optimised_model_and_writes_a_model_dir(
+    straight, teacher_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """-O structured + merge: the pruned model is what trains (fewer parameters), and ``out/model`` reloads as
+    a model id giving the trained model's outputs."""
+    import shutil
+
+    from vitedge.models.saved import MANIFEST
+
+    full, _ = straight
+    weights = tmp_path / "weights"
+    shutil.copytree(teacher_dir, weights)
+    shutil.copy(full.weights, weights / "cifar-vit.safetensors")  # the base model the directory names
+    monkeypatch.setenv("VITEDGE_WEIGHTS", str(weights))
+    opts = ("structured:heads=0.5,mlp=0.5", "merge:r=2")
+    result = train(
+        _config(tmp_path / "run", init=str(full.weights), epochs=1, distill=None, optimize=opts, limit=32)
+    )
+    assert result.status == "done"
+    trained = result.model
+    assert sum(p.numel() for p in trained.parameters()) < sum(p.numel() for p in full.model.parameters())
+    manifest = json.loads((tmp_path / "run" / "model" / MANIFEST).read_text())
+    assert manifest["weights_after"] == 2 and manifest["name"] == " ".join(opts)
+    reloaded = load(str(tmp_path / "run" / "model"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(x), trained(x))
+        assert not torch.allclose(reloaded(x), full.model.eval()(x), atol=1e-3)
+
+
+def test_optimize_refuses_techniques_that_do_not_train(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"-O int8: training accepts only structured, merge, prune"):
+        _config(tmp_path, optimize=("merge:r=2", "int8"))
+    with pytest.raises(ValueError, match="unknown"):
+        _config(tmp_path, optimize=("nosuch",))

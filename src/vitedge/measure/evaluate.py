@@ -26,6 +26,8 @@ class EvalResult:
     top5: float
     mean_cosine: float | None = None
     top1_agreement: float | None = None
+    top1_holdout: float | None = None
+    n_holdout: int = 0
 
 
 @dataclass
@@ -34,6 +36,7 @@ class _Tally:
     correct5: int = 0
     cosine_sum: float = 0.0
     agree: int = 0
+    correct1_holdout: int = 0
 
 
 def evaluate(
@@ -42,6 +45,7 @@ def evaluate(
     *,
     threads: int = 2,
     progress: ProgressFn | None = None,
+    holdout_from: int | None = None,
 ) -> list[EvalResult]:
     """Evaluate every model on every batch; the first model is the reference for agreement figures.
 
@@ -50,6 +54,8 @@ def evaluate(
         batches: ``(x, y)`` pairs, x (B, C, H, W), y int64 (B,).
         threads: torch threads for the run.
         progress: called with the number of images done after each batch.
+        holdout_from: also report ``top1_holdout`` over the images from this position on (those that
+            calibration did not see).
     """
     if not models:
         raise ValueError("evaluate needs at least one model")
@@ -69,7 +75,10 @@ def evaluate(
                     t = tallies[name]
                     k = min(5, out.shape[1])
                     top = out.topk(k, dim=1).indices  # (B, k)
-                    t.correct1 += int((top[:, 0] == y).sum())
+                    hit = top[:, 0] == y  # (B,)
+                    t.correct1 += int(hit.sum())
+                    if holdout_from is not None:
+                        t.correct1_holdout += int(hit[max(holdout_from - n, 0) :].sum())
                     t.correct5 += int((top == y[:, None]).any(dim=1).sum())
                     if ref_out is None:
                         ref_out = out
@@ -83,6 +92,7 @@ def evaluate(
         torch.set_num_threads(previous)
     if n == 0:
         raise ValueError("evaluate got no data")
+    n_holdout = max(n - holdout_from, 0) if holdout_from is not None else 0
     results = []
     for i, name in enumerate(names):
         t = tallies[name]
@@ -94,6 +104,8 @@ def evaluate(
                 top5=t.correct5 / n,
                 mean_cosine=None if i == 0 else t.cosine_sum / n,
                 top1_agreement=None if i == 0 else t.agree / n,
+                top1_holdout=t.correct1_holdout / n_holdout if n_holdout else None,
+                n_holdout=n_holdout,
             )
         )
     return results

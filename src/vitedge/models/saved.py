@@ -1,14 +1,42 @@
-"""Reload a directory written by ``vitedge optimize --out DIR``: the base model, its exact weights, and the
-technique stack re-applied in order (``DIR/vitedge.json``)."""
+"""Directories written by ``vitedge optimize --out DIR`` or by a training run with ``-O`` options: the base
+model id, weights, and the technique stack (``DIR/vitedge.json``).
+
+``weights_after`` = k says the weights file holds the model *after* the first k configs were applied (a
+structured-pruned model fine-tuned to recover accuracy): loading applies those k configs to the base model for
+its shapes, loads the weights over them, then applies the rest. Without it (k = 0) the weights are the
+unmodified base model's and the whole stack is re-applied.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_model
 
 from vitedge.models.base import Encoder, ModelInfo
+
+MANIFEST = "vitedge.json"
+WEIGHTS = "base.safetensors"
+
+
+def write_optimized(
+    out: Path,
+    enc: Encoder,
+    *,
+    manifest: dict[str, Any],
+) -> None:
+    """Write ``enc``'s weights and ``manifest`` (``base``, ``configs``, ``name``, ...; ``format`` is added).
+
+    Raises:
+        ValueError: ``out`` exists, is not empty and is not a vitedge model directory.
+    """
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ValueError(f"{out} exists and is not a vitedge model directory; choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(enc, str(out / WEIGHTS))
+    (out / MANIFEST).write_text(json.dumps({"format": 1, **manifest}, indent=2) + "\n")
 
 
 def load_optimized(path: Path, manifest: dict[str, Any]) -> Encoder:
@@ -16,13 +44,19 @@ def load_optimized(path: Path, manifest: dict[str, Any]) -> Encoder:
     from vitedge.models import load
 
     if manifest.get("format") != 1 or "base" not in manifest:
-        raise ValueError(f"{path}/vitedge.json is not a vitedge optimised-model manifest (format 1)")
+        raise ValueError(f"{path}/{MANIFEST} is not a vitedge optimised-model manifest (format 1)")
     enc = load(manifest["base"], img_size=manifest.get("img_size"))
-    weights = path / "base.safetensors"
+    weights = path / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the directory is incomplete")
-    load_model(enc, str(weights), strict=True)
     configs = [config_from_dict(c) for c in manifest.get("configs", [])]
-    optimize_(enc, *configs)
+    k = manifest.get("weights_after", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(configs):
+        raise ValueError(
+            f"{path}/{MANIFEST}: weights_after must be an integer in [0, {len(configs)}], got {k!r}"
+        )
+    optimize_(enc, *configs[:k])
+    load_model(enc, str(weights), strict=True)
+    optimize_(enc, *configs[k:])
     enc.info = ModelInfo(**{**enc.info.__dict__, "model_id": str(path)})
     return enc.eval()

@@ -119,3 +119,28 @@ def write_model(
     card = model_card(config=config, enc=enc, accuracy=accuracy, run=run, weights=weights, command=command)
     (out / f"{name}.json").write_text(json.dumps(card, indent=2, default=float) + "\n")
     return weights, card
+
+
+def write_trained_model(out: Path, config: TrainConfig, enc: Encoder, accuracy: dict[str, Any]) -> Path:
+    """Write a run trained with ``-O`` options as a model directory (``vitedge eval out``): the base id,
+    the options, and the trained weights of the optimised model, loaded over its shapes on reload."""
+    from vitedge import __version__
+    from vitedge.api import config_to_dict
+    from vitedge.models.saved import write_optimized
+    from vitedge.train.config import trainable_options
+
+    configs = trainable_options(config.optimize)
+    write_optimized(
+        out,
+        enc,
+        manifest={
+            "vitedge_version": __version__,
+            "base": config.model,
+            "img_size": None,
+            "configs": [config_to_dict(c) for c in configs],
+            "name": " ".join(config.optimize),
+            "weights_after": len(configs),
+            "trained": {"init": config.init, "top1": accuracy.get("top1"), "n": accuracy.get("n")},
+        },
+    )
+    return out

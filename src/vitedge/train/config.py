@@ -77,6 +77,29 @@ class DistillConfig:
             )
 
 
+TRAINABLE_TECHNIQUES = ("structured", "merge", "prune")
+
+
+def trainable_options(options: tuple[str, ...]) -> list[Any]:
+    """Parse ``-O`` strings for training, refusing techniques that leave no trainable float model.
+
+    Raises:
+        ValueError: a malformed option, or one that is not in :data:`TRAINABLE_TECHNIQUES`.
+    """
+    from vitedge.api import config_name
+    from vitedge.options import parse_options
+
+    configs = parse_options(list(options))
+    for text, config in zip(options, configs, strict=True):
+        name = config_name(config)
+        if name not in TRAINABLE_TECHNIQUES:
+            raise ValueError(
+                f"-O {text}: training accepts only {', '.join(TRAINABLE_TECHNIQUES)}; apply {name} to the "
+                "trained model afterwards (vitedge optimize DIR -O ...)"
+            )
+    return configs
+
+
 def distill_config(
     teacher: str | None,
     *,
@@ -147,6 +170,10 @@ class TrainConfig:
         out: the run folder for checkpoints and the final weights.
         init: start from these weights (a ``.safetensors`` file of the same architecture) instead of a random
             initialisation: fine-tuning, or recovering accuracy after compression.
+        optimize: ``-O`` option strings applied to the student, in order, after ``init`` is loaded and before
+            training: structured pruning is then recovered by the fine-tune, and token merging or pruning is
+            active in every training and evaluation forward. Only techniques that leave the model trainable
+            (``structured``, ``merge``, ``prune``) are accepted; quantise the result afterwards.
     """
 
     model: str
@@ -177,6 +204,7 @@ class TrainConfig:
     log_every_steps: int = 20
     out: str = "runs/train"
     init: str | None = None
+    optimize: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -215,6 +243,12 @@ class TrainConfig:
         _integer("log_every_steps", self.log_every_steps, low=1)
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out must be a folder path, got {self.out!r}")
+        if isinstance(self.optimize, list):
+            object.__setattr__(self, "optimize", tuple(self.optimize))
+        if not isinstance(self.optimize, tuple) or not all(isinstance(o, str) and o for o in self.optimize):
+            raise ValueError(f"optimize must be a list of -O option strings, got {self.optimize!r}")
+        if self.optimize:
+            trainable_options(self.optimize)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,4 +261,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"training config has unknown keys {sorted(unknown)}")
         distill = obj.get("distill")
-        return cls(**{**obj, "distill": DistillConfig(**distill) if distill is not None else None})
+        return cls(
+            **{
+                **obj,
+                "distill": DistillConfig(**distill) if distill is not None else None,
+                "optimize": tuple(obj.get("optimize", ())),
+            }
+        )

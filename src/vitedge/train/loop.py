@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from vitedge.api import optimize_
 from vitedge.models import Encoder, build_untrained, load
 from vitedge.models.project import DERIVED_BUFFERS
 from vitedge.models.timm_models import load_weights
 from vitedge.train.augment import augment_batch, epoch_seed, plan_epoch
-from vitedge.train.card import device_name, write_model
+from vitedge.train.card import device_name, write_model, write_trained_model
 from vitedge.train.checkpoint import (
     Checkpoint,
     RunState,
@@ -30,7 +31,7 @@ from vitedge.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vitedge.train.config import SESSION_FIELDS, TrainConfig
+from vitedge.train.config import SESSION_FIELDS, TrainConfig, trainable_options
 from vitedge.train.data import TrainData, data_classes, data_img_size, load_train_data
 from vitedge.train.distill import Distillation
 from vitedge.train.events import ProgressFn, TrainProgress, TrainResult
@@ -62,10 +63,12 @@ class _Trainer:
         enc = build_untrained(
             config.model, num_classes=data_classes(config.data), img_size=data_img_size(config.data)
         )
+        if config.drop_path is not None:  # before init, which must land in the rebuilt model
+            enc = self._with_drop_path(enc)
         if config.init is not None:
             load_weights(getattr(enc, "model", enc), config.init, derived=DERIVED_BUFFERS)
-        if config.drop_path is not None:
-            enc = self._with_drop_path(enc)
+        if config.optimize:
+            optimize_(enc, *trainable_options(config.optimize))
         self.channels_last = cuda and enc.info.family == "cnn"
         self.enc = to_device(enc, self.device, channels_last=self.channels_last)
         self.data: TrainData = load_train_data(
@@ -447,6 +450,8 @@ class _Trainer:
         weights, card = write_model(
             self.out, config=cfg, enc=enc, accuracy=accuracy, run=run, command=command
         )
+        if cfg.optimize:
+            write_trained_model(self.out / "model", cfg, enc, accuracy)
         s.status = "done"
         self._save(s.epoch_stats)
         return self._result("done", top1=accuracy["top1"], top5=accuracy["top5"], weights=weights, card=card)

@@ -55,6 +55,8 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "out": ("out", str, "run folder (default runs/<model>)"),
     "init": ("init", str, "start from these .safetensors weights (fine-tune) instead of random ones"),
 }
+# -O strings: repeated, so handled apart from OPTIONS (argparse: action="append"; typer: list[str]).
+OPTIMIZE_HELP = "apply this -O option before training (structured, merge, prune); repeat to stack"
 DISTILL_OPTIONS: dict[str, tuple[type, str]] = {
     "teacher": (str, "distil from this model id (e.g. cifar-resnet)"),
     "temperature": (float, "KD temperature (default 4)"),
@@ -79,10 +81,12 @@ def config_from_options(model: str, options: dict[str, Any]) -> TrainConfig:
         ValueError: an unknown option or a bad value (the message names it).
     """
     given = {k: v for k, v in options.items() if v is not None}
-    unknown = set(given) - set(OPTIONS) - set(DISTILL_OPTIONS) - {"bf16", "hard_distill"}
+    unknown = set(given) - set(OPTIONS) - set(DISTILL_OPTIONS) - {"bf16", "hard_distill", "optimize"}
     if unknown:
         raise ValueError(f"unknown training options {sorted(unknown)}")
     fields: dict[str, Any] = {OPTIONS[k][0]: v for k, v in given.items() if k in OPTIONS}
+    if given.get("optimize"):
+        fields["optimize"] = tuple(given["optimize"])
     if "bf16" in given:
         fields["bf16"] = bool(given["bf16"])
     fields.setdefault("out", default_out(model))
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bf16", dest="bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast"
     )
+    p.add_argument("-O", "--optimize", dest="optimize", action="append", default=None, help=OPTIMIZE_HELP)
     p.add_argument("--hard-distill", dest="hard_distill", action="store_true", help="DeiT hard distillation")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     p.add_argument(
