@@ -286,6 +286,10 @@ def train_(
     init: Annotated[
         str | None, typer.Option("--init", help="start from these .safetensors weights (fine-tune)")
     ] = None,
+    optimize: Annotated[
+        list[str] | None,
+        typer.Option("-O", "--optimize", help="apply before training (structured, merge, prune); repeatable"),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run checkpointed in --out")] = False,
     install: Annotated[
         bool, typer.Option("--install", help="copy the weights into vitedge/models/weights/")
@@ -294,15 +298,16 @@ def train_(
     as_json: JsonOpt = False,
 ) -> None:
     """Train or distil a model (CIFAR-10 or an ImageFolder), with checkpoints that --resume exactly."""
+    # Before any import: every local so far is a training option.
+    options = {
+        k: v for k, v in locals().items() if k not in ("model", "resume", "install", "threads", "as_json")
+    }
     import shlex
 
     import torch
 
     from vitedge.train.run import config_from_options, default_out, resume_config, run_train
 
-    options = {
-        k: v for k, v in locals().items() if k not in ("model", "resume", "install", "threads", "as_json")
-    }
     torch.set_num_threads(threads)
     if resume:
         config = resume_config(model, out or default_out(model), options)
