@@ -215,6 +215,12 @@ class ImportanceLRUK:
         self._cost_sum += h.cost
         self._cost_n += 1
 
+    def set_uniqueness(self, key: Key, uniqueness: float) -> None:
+        """A resident's uniqueness changed (a near-duplicate came or went; see :mod:`.uniqueness`)."""
+        h = self._resident.get(key)
+        if h is not None:
+            h.uniqueness = min(max(float(uniqueness), 0.0), 1.0)
+
     def on_remove(self, key: Key) -> None:
         self._prefetched.discard(key)
         h = self._resident.pop(key, None)

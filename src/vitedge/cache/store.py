@@ -21,6 +21,7 @@ from vitedge.cache import codec
 from vitedge.cache.keys import entry_key
 from vitedge.cache.policy import SequencePredictor
 from vitedge.cache.tiers import DiskTier, MemoryTier, RedisTier, Tier
+from vitedge.cache.uniqueness import LshConfig, Signature, hyperplanes, signature
 
 __all__ = ["TIER_NAMES", "CacheConfig", "FeatureCache", "TierStats", "default_disk_dir"]
 
@@ -120,6 +121,16 @@ class FeatureCache:
         self.stats: dict[str, TierStats] = {t.name: TierStats() for t in self.tiers}
         self.predictor = SequencePredictor(depth=max(self.config.prefetch_depth, 1))
         self._registered: set[str] = set()
+        self._lsh = LshConfig()
+        self._planes: dict[int, np.ndarray] = {}  # feature width -> LSH hyperplanes
+
+    def _signature(self, features: np.ndarray) -> Signature | None:
+        if features.ndim not in (1, 2) or features.shape[-1] < 1:
+            return None
+        dim = int(features.shape[-1])
+        if dim not in self._planes:
+            self._planes[dim] = hyperplanes(dim, self._lsh)
+        return signature(features, self._planes[dim])
 
     def register(self, namespace: str, meta: dict[str, Any]) -> None:
         """Record a namespace's description in every tier (once per process)."""
@@ -145,13 +156,23 @@ class FeatureCache:
             return None
         st.hits += 1
         st.bytes_read += len(blob)
-        self._promote(index, key, blob, namespace)
+        self._promote(index, key, blob, namespace, value=value)
         return value
 
-    def _promote(self, index: int, key: str, blob: bytes, namespace: str, prefetched: bool = False) -> None:
+    def _promote(
+        self,
+        index: int,
+        key: str,
+        blob: bytes,
+        namespace: str,
+        *,
+        value: np.ndarray,
+        prefetched: bool = False,
+    ) -> None:
+        sig = self._signature(value) if index > 0 else None
         for faster in self.tiers[:index]:
             if isinstance(faster, MemoryTier):
-                faster.put(key, blob, namespace=namespace, prefetched=prefetched)
+                faster.put(key, blob, namespace=namespace, prefetched=prefetched, signature=sig)
             else:
                 faster.put(key, blob, namespace=namespace)
             self.stats[faster.name].bytes_written += len(blob)
@@ -180,20 +201,24 @@ class FeatureCache:
                 if blob is None:
                     continue
                 try:
-                    codec.decode(blob, namespace=namespace, key=nxt)
+                    value = codec.decode(blob, namespace=namespace, key=nxt)
                 except codec.CorruptEntry:
                     tier.discard(nxt)
                     continue
                 self.stats[tier.name].prefetched += 1
-                self._promote(i, nxt, blob, namespace, prefetched=True)
+                self._promote(i, nxt, blob, namespace, value=value, prefetched=True)
                 break
 
     def put(self, namespace: str, content: str, features: np.ndarray, *, cost: float = 1.0) -> np.ndarray:
         """Store ``features`` ``(N, D)`` in every tier; returns the value as a reader will see it."""
         key = entry_key(namespace, content)
         blob = codec.encode(features, namespace=namespace, key=key, fmt=self.config.value_format)
+        sig = self._signature(features)
         for tier in self.tiers:
-            tier.put(key, blob, namespace=namespace, cost=cost)
+            if isinstance(tier, MemoryTier):
+                tier.put(key, blob, namespace=namespace, cost=cost, signature=sig)
+            else:
+                tier.put(key, blob, namespace=namespace, cost=cost)
             st = self.stats[tier.name]
             st.bytes_written += len(blob)
             st.writes += 1

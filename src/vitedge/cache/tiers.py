@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 from vitedge.cache.keys import KEY_PREFIX, namespace_prefix
 from vitedge.cache.policy import EvictionPolicy, ImportanceLRUK
+from vitedge.cache.uniqueness import NearDuplicateIndex, Signature
 
 __all__ = ["DEFAULT_REDIS_URL", "DiskTier", "MemoryTier", "RedisTier", "Tier", "redis_url"]
 
@@ -90,6 +91,7 @@ class MemoryTier:
         self._ns_of: dict[str, str] = {}
         self._registry: dict[str, dict[str, Any]] = {}
         self._used = 0
+        self._dups = NearDuplicateIndex()
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._evictor: threading.Thread | None = None
@@ -109,8 +111,16 @@ class MemoryTier:
         return key in self._data
 
     def put(
-        self, key: str, blob: bytes, *, namespace: str, cost: float = 1.0, prefetched: bool = False
+        self,
+        key: str,
+        blob: bytes,
+        *,
+        namespace: str,
+        cost: float = 1.0,
+        prefetched: bool = False,
+        signature: Signature | None = None,
     ) -> None:
+        """Store ``blob``; ``signature`` (LSH buckets of the feature) feeds the policy's uniqueness term."""
         size = len(blob)
         if size > self.hard * self.budget:
             return
@@ -125,7 +135,11 @@ class MemoryTier:
             self._data[key] = blob
             self._ns_of[key] = namespace
             self._used += size
-            self.policy.on_insert(key, size, cost=cost, prefetched=prefetched)
+            changed = self._dups.add(key, signature) if signature is not None else {}
+            self.policy.on_insert(
+                key, size, cost=cost, uniqueness=changed.pop(key, 1.0), prefetched=prefetched
+            )
+            self._set_uniqueness(changed)
             if self._used > self.soft * self.budget:
                 self._start_evictor()
                 self._wake.set()
@@ -145,6 +159,13 @@ class MemoryTier:
             self._used -= len(blob)
             self.evicted += 1
         self.policy.on_remove(key)
+        self._set_uniqueness(self._dups.remove(key))
+
+    def _set_uniqueness(self, changed: dict[Any, float]) -> None:
+        update = getattr(self.policy, "set_uniqueness", None)  # policies without the term ignore it
+        if update is not None:
+            for k, u in changed.items():
+                update(k, u)
 
     def _start_evictor(self) -> None:
         if self._evictor is None:
