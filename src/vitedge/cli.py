@@ -222,6 +222,56 @@ def optimize(
     _emit(result, as_json, lambda r: err.print(f"wrote {r['out']} ({r['name']})"))
 
 
+@app.command("export")
+@_errors
+def export_(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="the .onnx file to write")],
+    opt: OptOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    exporter: Annotated[
+        str, typer.Option("--exporter", help="dynamo (torch.export) or torchscript (faster, legacy)")
+    ] = "dynamo",
+    data: Annotated[
+        str | None, typer.Option("--data", help="check images (default: mnist, cifar10 or imagenet-sample)")
+    ] = None,
+    check_n: Annotated[int, typer.Option("--check-n", help="images in the check against torch", min=1)] = 32,
+    img_size: ImgOpt = None,
+    weights: WeightsOpt = None,
+    threads: Annotated[int, typer.Option("--threads", help="torch and ONNX Runtime threads", min=1)] = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export to ONNX (-O int8: ONNX Runtime's INT8 path) and check it against torch on real images."""
+    from vitedge.export import ExportMismatchError, run_export
+
+    try:
+        result = run_export(
+            model,
+            out=out,
+            opts=opt or [],
+            fmt=fmt,
+            exporter=exporter,
+            data=data,
+            check_n=check_n,
+            img_size=img_size,
+            weights=weights,
+            threads=threads,
+        )
+    except ExportMismatchError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    _emit(
+        result,
+        as_json,
+        lambda r: err.print(
+            f"wrote {r['out']} ({r['name']}, {r['bytes'] / 2**20:.1f} MiB); against torch on {r['n']} "
+            f"{r['check_data']} images: max |diff| {r['max_abs_diff']:.3g}, mean cosine "
+            f"{r['mean_cosine']:.6f}, top-1 agreement {r['top1_agreement']:.4f}",
+            highlight=False,
+        ),
+    )
+
+
 @app.command("train")
 @_errors
 def train_(
