@@ -1,0 +1,115 @@
+"""Compression and token-reduction recipes on cifar-vit: accuracy on the CIFAR-10 test set against speed, both
+measured in this run against the unmodified fp32 model (batch 64, 2 threads, each recipe timed interleaved
+with the baseline).
+
+A recipe is a model (``cifar-vit``, or a directory written by ``vitedge train ... -O`` such as a recovered
+structured-pruned model) plus ``-O`` options stacked on it in order. Writes one JSON line per recipe, a
+Markdown table, and with ``--plot`` a PNG of top-1 against speed-up.
+
+    python benchmarks/bench_cifar_recipes.py [--trained DIR ...] [--limit N] [--plot FILE.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from vitedge.api import optimize_
+from vitedge.data import as_tensor_batches, open_dataset
+from vitedge.measure.bench import BenchConfig, bench_against_baseline
+from vitedge.measure.evaluate import evaluate
+from vitedge.models import load
+from vitedge.options import parse_options
+
+BASE = "cifar-vit"
+RECIPES: list[tuple[str, list[str]]] = [
+    (BASE, ["int8"]),
+    (BASE, ["bf16"]),
+    (BASE, ["merge:r=4"]),
+    (BASE, ["merge:r=5"]),
+    (BASE, ["merge:r=4", "int8"]),
+    (BASE, ["merge:r=4", "bf16"]),
+    (BASE, ["structured:heads=0.5,mlp=0.5"]),
+]
+ON_TRAINED = [[], ["int8"], ["bf16"], ["merge:r=2", "bf16"], ["merge:r=4", "bf16"], ["merge:r=4", "int8"]]
+
+
+def build(model: str, opts: list[str]) -> torch.nn.Module:
+    return optimize_(load(model), *parse_options(opts)).eval()
+
+
+def label(model: str, opts: list[str]) -> str:
+    head = "" if model == BASE else f"[{Path(model).parent.name or model}] "
+    return head + (" ".join(opts) or "as trained")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--trained", action="append", default=[], help="a model directory from vitedge train -O"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default all)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timing window per pair")
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--only-trained", action="store_true", help="skip the untrained-recipe list")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch.set_num_threads(2)
+    recipes = [] if args.only_trained else list(RECIPES)
+    recipes += [(d, opts) for d in args.trained for opts in ON_TRAINED]
+    baseline = load(BASE).eval()
+    variants = {label(m, o): build(m, o) for m, o in recipes}
+    ds = open_dataset("cifar10", baseline.preprocess, limit=args.limit)
+    acc = {r.name: r for r in evaluate({"baseline": baseline, **variants}, as_tensor_batches(ds, 500))}
+    x = next(iter(as_tensor_batches(ds, 64)))[0]
+    cfg = BenchConfig(batch=64, threads=2, min_iters=5, max_iters=400, min_seconds=args.seconds)
+    base_ips, timed = bench_against_baseline(baseline, variants, x, cfg)
+    b1 = acc["baseline"].top1
+    rows = []
+    for name, r in timed.items():
+        row = {
+            "name": name,
+            "top1": acc[name].top1,
+            "delta_pp": round(100 * (acc[name].top1 - b1), 2),
+            "images_per_s": round(r.images_per_s, 1),
+            "speedup": round(r.speedup or 0.0, 3),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    n = acc["baseline"].n
+    print(f"\nbaseline cifar-vit fp32: top1 {b1:.4f} (n={n}), {base_ips:.0f} img/s at batch 64\n")
+    print("| recipe | top-1 | change (pp) | speed-up |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['top1']:.4f} | {r['delta_pp']:+.2f} | {r['speedup']:.2f}x |")
+    if args.plot:
+        plot(rows, b1, args.plot)
+
+
+def plot(rows: list[dict], base_top1: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.scatter([1.0], [100 * base_top1], color="black", zorder=3)
+    ax.annotate("fp32 baseline", (1.0, 100 * base_top1), fontsize=7)
+    for r in rows:
+        ax.scatter(r["speedup"], 100 * r["top1"], color="tab:blue")
+        ax.annotate(r["name"], (r["speedup"], 100 * r["top1"]), fontsize=6)
+    ax.axhline(100 * base_top1 - 1, color="grey", ls="--", lw=0.8, label="1 pp below baseline")
+    ax.set_xlabel("speed-up vs fp32 (batch 64, 2 threads, same run)")
+    ax.set_ylabel("CIFAR-10 top-1 (%)")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
