@@ -32,6 +32,7 @@ _TECHNIQUE_MODULES = (
     "vitedge.tokens.merge",
     "vitedge.tokens.prune",
     "vitedge.tokens.adaptive",
+    "vitedge.attention.int8",
 )
 _loaded = False
 

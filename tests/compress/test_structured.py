@@ -105,3 +105,10 @@ def test_saved_pruned_model_reloads_with_same_outputs(tmp_path) -> None:
     a, b = load(str(tmp_path / "o")), optimize_(load("vit4mnist"), *parse_options(opts))
     x = a.example_input(3)
     assert torch.equal(_run(a, x), _run(b, x))
+
+
+def test_applies_under_inference_mode() -> None:
+    """Models loaded under ``torch.inference_mode()``: Torch-Pruning's autograd tracing still runs."""
+    with torch.inference_mode():
+        enc = optimize_(load("cifar-vit"), StructuredConfig(heads=0.5, mlp=0.5))
+        assert enc(enc.example_input(2)).shape == (2, 10)

@@ -37,6 +37,8 @@ IMPORTANCE: dict[str, Importance] = {
     "random": lambda w: torch.rand(w.shape[0], generator=torch.Generator().manual_seed(0)),
 }
 CHANNEL_ALIGN = 8  # keep MLP widths a multiple of this: GEMM kernels block by 8/16
+# Encoder hooks that replace the native block loop (see block_similarity)
+_LOOP_HOOKS = ("block_runner", "attention_kernel", "batch_router")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +140,11 @@ def block_similarity(model: Encoder, batches: list[torch.Tensor]) -> torch.Tenso
 
         return fn
 
+    # The hooks fire only when the native blocks run; a block runner or attention kernel installed earlier
+    # in -O (merge, prune, adaptive, int8attn) bypasses them, so calibration runs without those.
+    bypassed = {a: getattr(model, a) for a in _LOOP_HOOKS if getattr(model, a, None) is not None}
+    for a in bypassed:
+        setattr(model, a, None)
     handles = [v.module.register_forward_hook(hook(i)) for i, v in enumerate(views)]
     try:
         with torch.inference_mode():
@@ -147,11 +154,28 @@ def block_similarity(model: Encoder, batches: list[torch.Tensor]) -> torch.Tenso
     finally:
         for h in handles:
             h.remove()
+        for a, value in bypassed.items():
+            setattr(model, a, value)
     return sims / max(count, 1)
+
+
+def _ordinary_parameters(model: nn.Module) -> None:
+    """Replace inference-mode parameters (a model loaded under ``torch.inference_mode()``) by ordinary ones:
+    Torch-Pruning traces the MLPs with autograd, which cannot record inference tensors."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_inference():
+                module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
 
 @register("structured")
 def _apply_structured(model: Encoder, config: StructuredConfig) -> None:
+    with torch.inference_mode(False), torch.enable_grad():
+        _ordinary_parameters(model)
+        _structured(model, config)
+
+
+def _structured(model: Encoder, config: StructuredConfig) -> None:
     importance = IMPORTANCE[config.importance]
     if config.blocks:
         n = len(model.blocks)

@@ -4,7 +4,8 @@
 dispatches to (``aten._scaled_dot_product_flash_attention_for_cpu``), so attention QK^T and AV would count
 as zero on CPU; this module registers one (and its backward) on import. The other CPU paths need nothing:
 the math fallback (taken e.g. when the value head size differs from the query's) decomposes into ``bmm``,
-which is counted, and the efficient/cuDNN kernels are CUDA-only and already registered.
+which is counted, and the efficient/cuDNN kernels are CUDA-only and already registered. The INT8 x INT8 ->
+INT32 ``aten._int_mm`` (``-O int8attn``'s QK^T and AV) has no formula either; it counts as ``mm`` does.
 """
 
 from __future__ import annotations
@@ -31,11 +32,19 @@ def _sdpa_cpu_backward_flop(
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _int_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    # a: (M, K) int8, b: (K, N) int8 -> 2*M*K*N, as for mm
+    m, k = a_shape
+    return 2 * m * k * b_shape[1]
+
+
 def register_cpu_attention_formulas() -> None:
-    """Register FLOP formulas for the CPU flash-attention ops; a no-op for any already registered."""
+    """Register FLOP formulas for the CPU flash-attention ops and ``_int_mm``; a no-op for any already
+    registered."""
     for op, formula in (
         (_aten._scaled_dot_product_flash_attention_for_cpu, _sdpa_cpu_flop),
         (_aten._scaled_dot_product_flash_attention_for_cpu_backward, _sdpa_cpu_backward_flop),
+        (_aten._int_mm, _int_mm_flop),
     ):
         if op not in flop_counter.flop_registry:
             flop_counter.register_flop_formula(op)(formula)

@@ -233,6 +233,9 @@ class Encoder(nn.Module):
 
 
 BlockRunner = Callable[["SequenceEncoder", torch.Tensor], torch.Tensor]
+# Called like F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale): q, k, v (B, H, N, d),
+# an additive score bias broadcastable to (B, H, N, N) or None -> (B, H, N, d).
+AttentionKernel = Callable[..., torch.Tensor]
 
 
 class SequenceEncoder(Encoder):
@@ -253,6 +256,9 @@ class SequenceEncoder(Encoder):
         self.track_sources = False
         # Set with block_runner: the tokens each block sees, so arch() (and the cost model) stay truthful.
         self.token_plan: Callable[[SequenceEncoder], list[BlockTokens]] | None = None
+        # Set by techniques that replace the attention product (int8attn): vitedge's block loop calls it
+        # instead of fused SDPA, with or without a block_runner.
+        self.attention_kernel: AttentionKernel | None = None
 
     def final_token_count(self) -> int:
         """Tokens leaving the last block (fewer than ``layout.num_tokens`` under merging or pruning)."""
@@ -285,6 +291,11 @@ class SequenceEncoder(Encoder):
         x = self.embed(x)
         if self.block_runner is not None:
             x = self.block_runner(self, x)
+        elif self.attention_kernel is not None:
+            # The native blocks call their own SDPA, so a replaced kernel needs vitedge's block loop.
+            from vitedge.tokens.runner import run_blocks
+
+            x = run_blocks(self, x)
         else:
             for module in self.block_modules():
                 x = self.call_block(module, x)

@@ -148,7 +148,7 @@ def merge_runner(config: MergeConfig, *, track_source: bool = False):
         needs = Needs(keys=True)
         for i, view in enumerate(views):
             reducer = reduce if plan[i] > 0 else None
-            state = run_block(view, state, i, reducer, needs)
+            state = run_block(view, state, i, reducer, needs, encoder.attention_kernel)
         encoder.token_state = state  # for show-tokens and restore
         if config.restore and state.source is not None:
             # Each original token takes its group's feature: (B, N0, N) @ (B, N, D).

@@ -180,7 +180,9 @@ def prune_runner(
             return prune_state(st, scores, config.keep, fuse=config.fuse, protect=protect)
 
         for i, view in enumerate(views):
-            state = run_block(view, state, i, reduce if i in at else None, block_needs)
+            state = run_block(
+                view, state, i, reduce if i in at else None, block_needs, encoder.attention_kernel
+            )
         encoder.token_state = state
         return state.x
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vitedge.models.base import AttentionView, BlockView, SequenceEncoder
+from vitedge.models.base import AttentionKernel, AttentionView, BlockView, SequenceEncoder
 
 
 @dataclass
@@ -66,16 +66,22 @@ def split_heads(view: AttentionView, x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def attend(
-    view: AttentionView, x: torch.Tensor, size: torch.Tensor | None, needs: Needs
+    view: AttentionView,
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    needs: Needs,
+    kernel: AttentionKernel | None = None,
 ) -> tuple[torch.Tensor, AttentionInfo]:
     """Multi-head attention of ``x`` (B, N, D) with the proportional-attention bias log(size) on the keys.
 
-    The bias goes to fused SDPA as an additive mask, so merged tokens keep the fused kernel.
+    The bias goes to fused SDPA (or ``kernel``, called the same way) as an additive mask, so merged tokens
+    keep the fused kernel.
     """
     b, n, _ = x.shape
     q, k, v = split_heads(view, x)
     bias = None if size is None else size.log().to(q.dtype).view(b, 1, 1, n)  # (B, 1, 1, N)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=view.scale)  # (B, H, N, d)
+    sdpa = kernel or F.scaled_dot_product_attention
+    out = sdpa(q, k, v, attn_mask=bias, scale=view.scale)  # (B, H, N, d)
     out = out.transpose(1, 2).reshape(b, n, -1)
     if view.out_norm is not None:
         out = view.out_norm(out)
@@ -95,17 +101,30 @@ def attend(
 
 
 def run_block(
-    view: BlockView, state: TokenState, i: int, reducer: Reducer | None, needs: Needs
+    view: BlockView,
+    state: TokenState,
+    i: int,
+    reducer: Reducer | None,
+    needs: Needs,
+    kernel: AttentionKernel | None = None,
 ) -> TokenState:
     x = state.x
     size = state.size if state.prop_attn else None
-    y, info = attend(view.attn, view.norm1(x), size, needs if reducer else Needs())
+    y, info = attend(view.attn, view.norm1(x), size, needs if reducer else Needs(), kernel)
     state.x = x + view.ls1(y)
     if reducer is not None:
         state = reducer(i, state, info)
     x = state.x
     state.x = x + view.ls2(view.mlp(view.norm2(x)))
     return state
+
+
+def run_blocks(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
+    """All blocks in vitedge's loop with no token reduction, attention by ``encoder.attention_kernel``."""
+    state = initial_state(encoder, x, track_source=False)
+    for i, view in enumerate(encoder.blocks):
+        state = run_block(view, state, i, None, Needs(), encoder.attention_kernel)
+    return state.x
 
 
 def check_supported(encoder: SequenceEncoder, technique: str) -> list[BlockView]:

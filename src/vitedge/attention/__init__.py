@@ -1,0 +1,1 @@
+"""Attention kernels: INT8 attention."""
