@@ -34,6 +34,8 @@ SPEED_STACKS = [
     ["structured:heads=0.5,mlp=0.5", "int8"],
     ["structured:heads=0.5,mlp=0.5", "bf16"],
     ["merge:r=16", "structured:heads=0.5,mlp=0.5", "int8"],
+    ["merge:r=16", "structured:heads=0.5,mlp=0.5", "bf16"],
+    ["merge:r=16", "int8"],
 ]
 MNIST_STACKS = [
     ["int8"],
