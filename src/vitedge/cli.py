@@ -340,6 +340,10 @@ def train_(
         list[str] | None,
         typer.Option("-O", "--optimize", help="apply before training (structured, merge, prune); repeatable"),
     ] = None,
+    train_only: Annotated[
+        str | None,
+        typer.Option("--train-only", help="train only parameters named PREFIX... (e.g. token_scorers)"),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run checkpointed in --out")] = False,
     install: Annotated[
         bool, typer.Option("--install", help="copy the weights into vitedge/models/weights/")

@@ -233,6 +233,24 @@ def test_optimize_trains_the_optimised_model_and_writes_a_model_dir(
     with torch.inference_mode():
         torch.testing.assert_close(reloaded(x), trained(x))
         assert not torch.allclose(reloaded(x), full.model.eval()(x), atol=1e-3)
+    # A second run continues from the directory and may stack more; its directory carries the whole stack.
+    again = train(
+        _config(
+            tmp_path / "again",
+            init=str(tmp_path / "run" / "model"),
+            epochs=1,
+            distill=None,
+            limit=32,
+            lr=1e-12,
+        )
+    )
+    manifest = json.loads((tmp_path / "again" / "model" / MANIFEST).read_text())
+    assert [c["name"] for c in manifest["configs"]] == ["structured", "merge"] and manifest[
+        "weights_after"
+    ] == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(load(str(tmp_path / "again" / "model"))(x), again.model(x))
+        torch.testing.assert_close(again.model(x), trained(x), atol=1e-3, rtol=1e-3)  # lr ~ 0: unchanged
 
 
 def test_optimize_refuses_techniques_that_do_not_train(tmp_path: Path) -> None:
@@ -240,3 +258,13 @@ def test_optimize_refuses_techniques_that_do_not_train(tmp_path: Path) -> None:
         _config(tmp_path, optimize=("merge:r=2", "int8"))
     with pytest.raises(ValueError, match="unknown"):
         _config(tmp_path, optimize=("nosuch",))
+
+
+def test_train_only_refuses_a_prefix_that_matches_nothing(tmp_path: Path) -> None:
+    from vitedge.train.run import config_from_options
+
+    assert config_from_options("cifar-vit", {"train_only": "token_scorers"}).train_only == "token_scorers"
+    with pytest.raises(ValueError, match="train_only must be"):
+        _config(tmp_path, train_only="")
+    with pytest.raises(ValueError, match="'nosuch' matches no parameter"):
+        train(_config(tmp_path, distill=None, train_only="nosuch", limit=32, epochs=1))

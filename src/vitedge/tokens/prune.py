@@ -8,7 +8,11 @@ image border (useful when a VLM crops or tiles). Scorers:
 - ``attn``: attention the class token pays to each token (EViT); models without a class token use the mean
   attention each token receives;
 - ``norm``: L2 norm of the token; ``variance``: variance over channels;
-- ``entropy``: negative entropy of the token's own attention row (focused tokens carry more).
+- ``entropy``: negative entropy of the token's own attention row (focused tokens carry more);
+- ``learned``: ``attn`` in log space plus a small MLP per pruning block that the training loop learns
+  (:mod:`vitedge.tokens.scorer`; train it with ``vitedge train MODEL -O prune:...,scorer=learned
+  --train-only token_scorers``). The MLPs live in ``encoder.token_scorers``, so they are saved with the
+  weights of a trained model directory. Untrained, it ranks tokens as ``attn`` does.
 
 Schedules: ``stages`` prunes at 1/4, 1/2 and 3/4 of the depth (EViT's blocks 4, 7, 10 of 12), ``every`` at
 every block; ``keep`` is the fraction kept at each pruning block.
@@ -34,9 +38,12 @@ from vitedge.tokens.runner import (
     ones_size,
     run_block,
 )
+from vitedge.tokens.scorer import TokenScorers, scorer_hidden
 from vitedge.tokens.windows import install_window_pruning
 
-SCORERS = ("attn", "norm", "variance", "entropy")
+SCORERS = ("attn", "norm", "variance", "entropy")  # fixed scorers, no parameters
+LEARNED = "learned"
+PRUNE_SCORERS = (*SCORERS, LEARNED)
 SCHEDULES = ("stages", "every")
 
 
@@ -76,7 +83,8 @@ def prune_state(
 ) -> TokenState:
     """Keep the ``keep`` fraction of patch tokens with the highest ``scores`` (B, Np); fuse the rest into one.
 
-    ``protect`` (B, Np) marks tokens that must stay whatever their score.
+    ``protect`` (B, Np) marks tokens that must stay whatever their score. Gradients reach ``scores`` only
+    through the fused token's softmax weights (how the learned scorer trains).
     """
     p = state.num_prefix
     x = state.x
@@ -135,8 +143,9 @@ def prune_blocks(schedule: str, depth: int) -> list[int]:
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig:
-    """``keep``: fraction of patch tokens kept at each pruning block (1.0 = off); ``scorer``; ``schedule``;
-    ``fuse`` the pruned tokens into one; ``protect_border`` keeps border patches."""
+    """``keep``: fraction of patch tokens kept at each pruning block (1.0 = off); ``scorer`` (one of
+    :data:`PRUNE_SCORERS`); ``schedule``; ``fuse`` the pruned tokens into one; ``protect_border`` keeps border
+    patches."""
 
     keep: float = 1.0
     scorer: str = "attn"
@@ -147,19 +156,21 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"prune:keep must be in (0, 1], got {self.keep}")
-        if self.scorer not in SCORERS:
-            raise ValueError(f"prune:scorer must be one of {', '.join(SCORERS)}, got {self.scorer!r}")
+        if self.scorer not in PRUNE_SCORERS:
+            raise ValueError(f"prune:scorer must be one of {', '.join(PRUNE_SCORERS)}, got {self.scorer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"prune:schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.scorer == LEARNED and not self.fuse:
+            raise ValueError(
+                "prune:scorer=learned learns through the weights of the fused token; it needs fuse=true"
+            )
 
 
 def prune_runner(
     config: PruneConfig, *, track_source: bool = False
 ) -> Callable[[SequenceEncoder, torch.Tensor], torch.Tensor]:
-    needs = Needs(
-        cls_attn=config.scorer == "attn",
-        attn_rows=config.scorer == "entropy",
-    )
+    attn_like = config.scorer in ("attn", LEARNED)  # the learned scorer adds to the attention score
+    needs = Needs(cls_attn=attn_like, attn_rows=config.scorer == "entropy")
 
     def run(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
         views = encoder.blocks
@@ -169,11 +180,18 @@ def prune_runner(
         state.index = torch.arange(n, device=x.device).expand(b, n)
         p = state.num_prefix
         block_needs = needs
-        if config.scorer == "attn" and p == 0:
+        if attn_like and p == 0:
             block_needs = Needs(attn_rows=True)
+        scorers = attached_scorers(encoder, len(at)) if config.scorer == LEARNED else None
+        ordinal = {b: j for j, b in enumerate(sorted(at))}
 
         def reduce(i: int, st: TokenState, info: AttentionInfo) -> TokenState:
-            scores = score_tokens(config.scorer, st.x, info, p)
+            if scorers is None:
+                scores = score_tokens(config.scorer, st.x, info, p)
+            else:
+                size = None if st.size is None else st.size[:, p:]
+                prior = score_tokens("attn", st.x, info, p)
+                scores = scorers.scores(ordinal[i], prior, st.x[:, p:], size, training=encoder.training)
             protect = None
             if config.protect_border and st.index is not None:
                 protect = border_mask(st.index[:, p:], encoder.layout.grid, p) & (st.index[:, p:] >= p)
@@ -189,6 +207,25 @@ def prune_runner(
     return run
 
 
+def attached_scorers(encoder: SequenceEncoder, count: int) -> TokenScorers:
+    """The ``count`` scorer MLPs that ``optimize_`` attached to ``encoder`` for ``prune:scorer=learned``."""
+    scorers = getattr(encoder, "token_scorers", None)
+    if not isinstance(scorers, TokenScorers) or len(scorers.mlps) != count:
+        raise ValueError(
+            f"prune:scorer=learned needs {count} scorer MLPs in encoder.token_scorers; apply it with "
+            "vitedge.optimize_(model, PruneConfig(..., scorer='learned')), which attaches them"
+        )
+    return scorers
+
+
+def attach_scorers(encoder: SequenceEncoder, count: int) -> None:
+    """Register fresh (untrained) scorer MLPs as ``encoder.token_scorers``, so they are in its state dict."""
+    dim = encoder.blocks[0].attn.proj.out_features
+    ref = next(encoder.parameters())
+    scorers = TokenScorers(dim, count).to(device=ref.device, dtype=encoder.compute_dtype)
+    encoder.add_module("token_scorers", scorers)
+
+
 def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockTokens]:
     """Tokens per block under ``config``, with the score products (class-token or full attention rows)."""
     views = encoder.blocks
@@ -196,7 +233,7 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
     p = encoder.layout.num_prefix
     gh, gw = encoder.layout.grid
     border = 2 * (gh + gw) - 4 if config.protect_border else 0
-    rows_needed = config.scorer == "entropy" or (config.scorer == "attn" and p == 0)
+    rows_needed = config.scorer == "entropy" or (config.scorer in ("attn", LEARNED) and p == 0)
     n = encoder.layout.num_tokens
     plan: list[BlockTokens] = []
     for i, view in enumerate(views):
@@ -205,7 +242,7 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
             continue
         a = view.attn
         extra: tuple[LinearOp, ...] = ()
-        if config.scorer in ("attn", "entropy"):
+        if config.scorer in ("attn", "entropy", LEARNED):
             rows = n if rows_needed else 1
             extra = (
                 LinearOp(
@@ -217,11 +254,22 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
                 ),
             )
         n_patch = n - p
+        if config.scorer == LEARNED:
+            extra += scorer_ops(f"blocks.{i}.prune.scorer", n_patch, a.proj.out_features)
         n_keep = max(1, math.ceil(config.keep * n_patch), min(border, n_patch))
         m = n if n_keep >= n_patch else p + n_keep + (1 if config.fuse else 0)
         plan.append(BlockTokens(attn_tokens=n, mlp_tokens=m, extra=extra))
         n = m
     return plan
+
+
+def scorer_ops(name: str, tokens: int, dim: int) -> tuple[LinearOp, ...]:
+    """The two linears of one scorer MLP over ``tokens`` patch tokens of width ``dim``."""
+    hidden = scorer_hidden(dim)
+    return (
+        LinearOp(name=f"{name}.fc1", tokens=tokens, in_features=2 * dim, out_features=hidden),
+        LinearOp(name=f"{name}.fc2", tokens=tokens, in_features=hidden, out_features=1),
+    )
 
 
 @register("prune")
@@ -237,5 +285,7 @@ def _apply_prune(model: Encoder, config: PruneConfig) -> None:
     assert isinstance(model, SequenceEncoder)
     if model.block_runner is not None:
         raise ValueError("prune cannot stack on another token-reduction technique (merge, prune or adaptive)")
+    if config.scorer == LEARNED:
+        attach_scorers(model, len(prune_blocks(config.schedule, len(model.blocks))))
     model.block_runner = prune_runner(config)
     model.token_plan = lambda enc: prune_plan(config, enc)

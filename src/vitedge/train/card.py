@@ -121,15 +121,24 @@ def write_model(
     return weights, card
 
 
-def write_trained_model(out: Path, config: TrainConfig, enc: Encoder, accuracy: dict[str, Any]) -> Path:
+def write_trained_model(
+    out: Path,
+    config: TrainConfig,
+    enc: Encoder,
+    accuracy: dict[str, Any],
+    *,
+    prior: list[dict[str, Any]] | None = None,
+) -> Path:
     """Write a run trained with ``-O`` options as a model directory (``vitedge eval out``): the base id,
-    the options, and the trained weights of the optimised model, loaded over its shapes on reload."""
+    the options (after ``prior``, those an ``--init`` directory already carried), and the trained weights of
+    the optimised model, loaded over its shapes on reload."""
     from vitedge import __version__
-    from vitedge.api import config_to_dict
+    from vitedge.api import config_from_dict, config_to_dict, describe
     from vitedge.models.saved import write_optimized
     from vitedge.train.config import trainable_options
 
-    configs = trainable_options(config.optimize)
+    configs = list(prior or []) + [config_to_dict(c) for c in trainable_options(config.optimize)]
+    names = [describe(config_from_dict(c)) for c in prior or []] + list(config.optimize)
     write_optimized(
         out,
         enc,
@@ -137,8 +146,8 @@ def write_trained_model(out: Path, config: TrainConfig, enc: Encoder, accuracy: 
             "vitedge_version": __version__,
             "base": config.model,
             "img_size": None,
-            "configs": [config_to_dict(c) for c in configs],
-            "name": " ".join(config.optimize),
+            "configs": configs,
+            "name": " ".join(names),
             "weights_after": len(configs),
             "trained": {"init": config.init, "top1": accuracy.get("top1"), "n": accuracy.get("n")},
         },

@@ -174,6 +174,8 @@ class TrainConfig:
             training: structured pruning is then recovered by the fine-tune, and token merging or pruning is
             active in every training and evaluation forward. Only techniques that leave the model trainable
             (``structured``, ``merge``, ``prune``) are accepted; quantise the result afterwards.
+        train_only: train only the parameters whose name starts with this prefix (e.g. ``token_scorers``,
+            the scorer MLPs of ``-O prune:scorer=learned``); the rest stay frozen. None trains everything.
     """
 
     model: str
@@ -205,6 +207,7 @@ class TrainConfig:
     out: str = "runs/train"
     init: str | None = None
     optimize: tuple[str, ...] = ()
+    train_only: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -249,6 +252,10 @@ class TrainConfig:
             raise ValueError(f"optimize must be a list of -O option strings, got {self.optimize!r}")
         if self.optimize:
             trainable_options(self.optimize)
+        if self.train_only is not None and (not isinstance(self.train_only, str) or not self.train_only):
+            raise ValueError(
+                f"train_only must be a parameter-name prefix such as 'token_scorers', got {self.train_only!r}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ continues exactly where the run stopped; on CPU the result is bit-identical to a
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -65,7 +66,10 @@ class _Trainer:
         )
         if config.drop_path is not None:  # before init, which must land in the rebuilt model
             enc = self._with_drop_path(enc)
-        if config.init is not None:
+        self.prior: list[dict[str, Any]] = []  # configs already applied to an --init model directory
+        if config.init is not None and Path(config.init).is_dir():
+            enc, self.prior = self._from_directory(enc, Path(config.init))
+        elif config.init is not None:
             load_weights(getattr(enc, "model", enc), config.init, derived=DERIVED_BUFFERS)
         if config.optimize:
             optimize_(enc, *trainable_options(config.optimize))
@@ -82,6 +86,8 @@ class _Trainer:
             (f"projector.{n}", p)
             for n, p in (self.distill.projector.named_parameters() if self.distill.projector else [])
         ]
+        if config.train_only is not None:
+            named = _only(named, config.train_only)
         self.optimizer = build_optimizer(named, config, self.device)
         n = len(self.data.train_images)
         self.batch = min(config.batch_size, n)
@@ -125,6 +131,33 @@ class _Trainer:
         return build_project_model(
             self.cfg.model, num_classes=enc.info.num_classes, drop_path=self.cfg.drop_path
         )
+
+    def _from_directory(self, fresh: Encoder, folder: Path) -> tuple[Encoder, list[dict[str, Any]]]:
+        """Continue from a model directory (``OUT/model`` of an earlier run with ``-O``): its optimised
+        model with its trained weights; returns it and the configs it already carries."""
+        from vitedge.models.saved import MANIFEST
+
+        if not (folder / MANIFEST).is_file():
+            raise ValueError(
+                f"--init {folder} is a folder without {MANIFEST}; pass weights or a model directory"
+            )
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("base") != self.cfg.model:
+            raise ValueError(f"--init {folder} holds a {manifest.get('base')} model, not {self.cfg.model}")
+        configs = list(manifest.get("configs", []))
+        if manifest.get("weights_after", 0) != len(configs):
+            raise ValueError(
+                f"--init {folder} re-applies part of its stack after loading (an optimize --out directory); "
+                "continue only from a directory a training run wrote"
+            )
+        if self.cfg.drop_path is not None:
+            raise ValueError("--drop-path rebuilds the model; it cannot continue from a model directory")
+        enc = load(str(folder))
+        if enc.info.num_classes != fresh.info.num_classes:
+            raise ValueError(
+                f"--init {folder} has {enc.info.num_classes} classes, the data {fresh.info.num_classes}"
+            )
+        return enc.train(), configs
 
     def _load_teacher(self) -> Encoder | None:
         if self.cfg.distill is None:
@@ -450,11 +483,30 @@ class _Trainer:
         weights, card = write_model(
             self.out, config=cfg, enc=enc, accuracy=accuracy, run=run, command=command
         )
-        if cfg.optimize:
-            write_trained_model(self.out / "model", cfg, enc, accuracy)
+        if cfg.optimize or self.prior:
+            write_trained_model(self.out / "model", cfg, enc, accuracy, prior=self.prior)
         s.status = "done"
         self._save(s.epoch_stats)
         return self._result("done", top1=accuracy["top1"], top5=accuracy["top5"], weights=weights, card=card)
+
+
+def _only(named: list[tuple[str, torch.nn.Parameter]], prefix: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters named ``prefix...``; every other one is frozen (requires_grad off).
+
+    Raises:
+        ValueError: no parameter name starts with ``prefix``.
+    """
+    chosen = [(n, p) for n, p in named if n.startswith(prefix)]
+    if not chosen:
+        tops = sorted({n.split(".")[0] for n, _ in named})
+        raise ValueError(
+            f"--train-only {prefix!r} matches no parameter; names start with {', '.join(tops)} "
+            "(token_scorers exist under -O prune:...,scorer=learned)"
+        )
+    keep = {id(p) for _, p in chosen}
+    for _, p in named:
+        p.requires_grad_(id(p) in keep)
+    return chosen
 
 
 def train(

@@ -54,6 +54,7 @@ OPTIONS: dict[str, tuple[str, type, str]] = {
     "log_every": ("log_every_steps", int, "progress every N steps"),
     "out": ("out", str, "run folder (default runs/<model>)"),
     "init": ("init", str, "start from these .safetensors weights (fine-tune) instead of random ones"),
+    "train_only": ("train_only", str, "train only parameters named PREFIX... (e.g. token_scorers)"),
 }
 # -O strings: repeated, so handled apart from OPTIONS (argparse: action="append"; typer: list[str]).
 OPTIMIZE_HELP = "apply this -O option before training (structured, merge, prune); repeat to stack"
