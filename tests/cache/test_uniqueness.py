@@ -87,3 +87,20 @@ def test_near_duplicates_are_evicted_before_unique_entries() -> None:
         kept = {n for n in names if memory.peek(entry_key(ns, digest(n)))}
     assert {f"unique{i}" for i in range(4)} <= kept
     assert len(kept) < len(names)
+
+
+def test_a_shared_feature_direction_does_not_make_distinct_entries_duplicates() -> None:
+    """Encoder features share a large common component; the store centres them before hashing, so distinct
+    images stay unique while a true near-duplicate is still caught."""
+    rng = np.random.default_rng(3)
+    common = 10 * rng.standard_normal(64).astype(np.float32)
+    feats = [common + rng.standard_normal((8, 64)).astype(np.float32) for _ in range(24)]
+    memory = MemoryTier(1 << 24)
+    with FeatureCache(tiers=[memory]) as cache:
+        for i, f in enumerate(feats):
+            cache.put("a" * 64, hashlib.sha256(str(i).encode()).hexdigest(), f)
+        keys = [entry_key("a" * 64, hashlib.sha256(str(i).encode()).hexdigest()) for i in range(24)]
+        late = keys[8:]  # once the running mean has settled
+        assert np.mean([memory._dups.uniqueness(k) for k in late]) > 0.8
+        cache.put("a" * 64, hashlib.sha256(b"copy").hexdigest(), feats[-1] + 0.001)
+        assert memory._dups.uniqueness(keys[-1]) <= 0.5

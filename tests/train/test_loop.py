@@ -216,8 +216,7 @@ def test_optimize_trains_the_optimised_model_and_writes_a_model_dir(
 
     full, _ = straight
     weights = tmp_path / "weights"
-    shutil.copytree(teacher_dir, weights)
-    shutil.copy(full.weights, weights / "cifar-vit.safetensors")  # the base model the directory names
+    shutil.copytree(teacher_dir, weights)  # no cifar-vit weights installed: the directory must not need them
     monkeypatch.setenv("VITEDGE_WEIGHTS", str(weights))
     opts = ("structured:heads=0.5,mlp=0.5", "merge:r=2")
     result = train(
@@ -251,6 +250,14 @@ def test_optimize_trains_the_optimised_model_and_writes_a_model_dir(
     with torch.inference_mode():
         torch.testing.assert_close(load(str(tmp_path / "again" / "model"))(x), again.model(x))
         torch.testing.assert_close(again.model(x), trained(x), atol=1e-3, rtol=1e-3)  # lr ~ 0: unchanged
+
+
+def test_install_refuses_an_optimised_model(tmp_path: Path) -> None:
+    from vitedge.train.run import run_train
+
+    cfg = _config(tmp_path, optimize=("structured:mlp=0.5",), distill=None)
+    with pytest.raises(ValueError, match="--install would replace the project weights"):
+        run_train(cfg, resume=False, install_weights=True, console=None, command=None)
 
 
 def test_optimize_refuses_techniques_that_do_not_train(tmp_path: Path) -> None:

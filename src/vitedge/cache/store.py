@@ -123,14 +123,23 @@ class FeatureCache:
         self._registered: set[str] = set()
         self._lsh = LshConfig()
         self._planes: dict[int, np.ndarray] = {}  # feature width -> LSH hyperplanes
+        self._centre: dict[int, tuple[np.ndarray, int]] = {}  # feature width -> (running mean, count)
 
     def _signature(self, features: np.ndarray) -> Signature | None:
-        if features.ndim not in (1, 2) or features.shape[-1] < 1:
+        """LSH buckets of the token-pooled feature, centred on the running mean of the features seen: encoder
+        features share a large common direction, and uncentred they would all look alike."""
+        if features.ndim not in (1, 2) or features.shape[-1] < 1 or features.size == 0:
             return None
-        dim = int(features.shape[-1])
+        v = features.mean(axis=0) if features.ndim == 2 else features  # (D,)
+        if not np.isfinite(v).all():
+            return None
+        dim = int(v.shape[0])
         if dim not in self._planes:
             self._planes[dim] = hyperplanes(dim, self._lsh)
-        return signature(features, self._planes[dim])
+        mean, n = self._centre.get(dim, (np.zeros(dim, dtype=np.float64), 0))
+        mean = mean + (v - mean) / (n + 1)
+        self._centre[dim] = (mean, n + 1)
+        return signature(v - mean, self._planes[dim])
 
     def register(self, namespace: str, meta: dict[str, Any]) -> None:
         """Record a namespace's description in every tier (once per process)."""

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_model, save_model
 
 from vitedge.models.base import Encoder, ModelInfo
@@ -45,7 +46,6 @@ def load_optimized(path: Path, manifest: dict[str, Any]) -> Encoder:
 
     if manifest.get("format") != 1 or "base" not in manifest:
         raise ValueError(f"{path}/{MANIFEST} is not a vitedge optimised-model manifest (format 1)")
-    enc = load(manifest["base"], img_size=manifest.get("img_size"))
     weights = path / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the directory is incomplete")
@@ -55,8 +55,24 @@ def load_optimized(path: Path, manifest: dict[str, Any]) -> Encoder:
         raise ValueError(
             f"{path}/{MANIFEST}: weights_after must be an integer in [0, {len(configs)}], got {k!r}"
         )
+    if "num_classes" in manifest:  # a trained directory: its weights replace everything, build the skeleton
+        from vitedge.models import build_untrained
+
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            enc = build_untrained(
+                manifest["base"], num_classes=manifest["num_classes"], img_size=manifest["img_size"]
+            )
+        enc.eval()
+    else:
+        enc = load(manifest["base"], img_size=manifest.get("img_size"))
     optimize_(enc, *configs[:k])
-    load_model(enc, str(weights), strict=True)
+    try:
+        load_model(enc, str(weights), strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{weights} does not fit the model {path}/{MANIFEST} describes: {str(e)[:300]}"
+        ) from None
     optimize_(enc, *configs[k:])
     enc.info = ModelInfo(**{**enc.info.__dict__, "model_id": str(path)})
     return enc.eval()

@@ -99,7 +99,7 @@ class TokenScorers(nn.Module):
         if training:
             if s.requires_grad:
                 s.register_hook(self._mark_trained)
-        elif not bool(self.trained) and not self._warned:
+        elif not self._warned and not bool(self.trained):  # reads the flag until the first warning only
             self._warned = True
             log.warning(
                 "prune:scorer=learned runs with scorer MLPs that were never trained: it ranks tokens like "

@@ -145,10 +145,12 @@ def write_trained_model(
         manifest={
             "vitedge_version": __version__,
             "base": config.model,
-            "img_size": None,
             "configs": configs,
             "name": " ".join(names),
             "weights_after": len(configs),
+            # The saved weights carry the whole model: reload builds this skeleton, not the installed base.
+            "num_classes": enc.info.num_classes,
+            "img_size": enc.img_size[0],
             "trained": {"init": config.init, "top1": accuracy.get("top1"), "n": accuracy.get("n")},
         },
     )

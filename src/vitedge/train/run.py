@@ -189,6 +189,11 @@ def run_train(
 ) -> dict[str, Any]:
     """Train (or resume) and return the JSON summary; ``install_weights`` copies a finished project model
     into ``vitedge/models/weights/``."""
+    if install_weights and (config.optimize or (config.init and Path(config.init).is_dir())):
+        raise ValueError(
+            "--install would replace the project weights with an optimised model; use the run's model "
+            "directory (OUT/model) instead"
+        )
     if install_weights:
         from vitedge.models import PROJECT_MODELS
 
