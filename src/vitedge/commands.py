@@ -19,8 +19,8 @@ from vitedge.data import as_tensor_batches, open_dataset
 from vitedge.measure.bench import BenchConfig, bench, bench_against_baseline
 from vitedge.measure.cost import analyze
 from vitedge.measure.evaluate import evaluate
-from vitedge.models import OPTIMIZED_MANIFEST, Encoder, load
-from vitedge.models.saved import write_optimized
+from vitedge.models import Encoder, load
+from vitedge.models.saved import check_writable, write_optimized
 from vitedge.options import parse_options, parse_sweep
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -277,8 +277,7 @@ def run_optimize(
 ) -> dict[str, Any]:
     """Write ``out/vitedge.json`` and the unmodified weights; loading the directory re-applies the stack."""
     configs = parse_options(opts or [])
-    if out.exists() and any(out.iterdir()) and not (out / OPTIMIZED_MANIFEST).is_file():
-        raise ValueError(f"--out {out} exists and is not a vitedge directory; choose an empty or new folder")
+    check_writable(out)  # before the (slow) model loads
     base = load(model_id, weights=weights, img_size=img_size)
     optimize_(load(model_id, weights=weights, img_size=img_size), *configs)  # fail before writing anything
     manifest = {

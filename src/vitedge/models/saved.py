@@ -22,6 +22,16 @@ MANIFEST = "vitedge.json"
 WEIGHTS = "base.safetensors"
 
 
+def check_writable(out: Path) -> None:
+    """Refuse to write a model directory over a non-empty folder that is not one.
+
+    Raises:
+        ValueError: ``out`` exists, is not empty and holds no vitedge manifest.
+    """
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ValueError(f"{out} exists and is not a vitedge model directory; choose an empty or new folder")
+
+
 def write_optimized(
     out: Path,
     enc: Encoder,
@@ -33,8 +43,7 @@ def write_optimized(
     Raises:
         ValueError: ``out`` exists, is not empty and is not a vitedge model directory.
     """
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise ValueError(f"{out} exists and is not a vitedge model directory; choose an empty or new folder")
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     save_model(enc, str(out / WEIGHTS))
     (out / MANIFEST).write_text(json.dumps({"format": 1, **manifest}, indent=2) + "\n")
