@@ -472,6 +472,15 @@ def video_(
     cut_threshold: Annotated[
         float, typer.Option("--cut-threshold", help="histogram distance (0..1) that marks a scene cut")
     ] = 0.3,
+    flow: Annotated[
+        bool, typer.Option("--flow/--no-flow", help="follow camera motion (optical flow), warping the cache")
+    ] = True,
+    shift_threshold: Annotated[
+        float, typer.Option("--shift-threshold", help="patch change (0..1) that recomputes a moved token")
+    ] = 0.04,
+    min_motion: Annotated[
+        float, typer.Option("--min-motion", help="median flow (px/frame) below which the camera is still")
+    ] = 0.5,
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="first N frames only")] = None,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG over time (default <video>-reuse.png)")
@@ -489,6 +498,9 @@ def video_(
         threshold=threshold,
         pixel_threshold=pixel_threshold,
         cut_threshold=cut_threshold,
+        flow=flow,
+        shift_threshold=shift_threshold,
+        min_motion=min_motion,
     )
     result = run_video(
         model,

@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BlockCache", "ReuseEngine", "block_macs", "check_supported", "relative_change", "run_reused"]
+__all__ = [
+    "BlockCache",
+    "ReuseEngine",
+    "block_input",
+    "block_macs",
+    "check_supported",
+    "relative_change",
+    "run_reused",
+]
 
 
 def relative_change(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:  # (N, D), (N, D) -> (N,)
@@ -93,9 +101,11 @@ class ReuseEngine:
         self.num_prefix = num_prefix
         self.threshold = threshold
         self.state: list[BlockCache] | None = None
+        self._stale: torch.Tensor | None = None  # (N,) bool: tokens moved by warp(), refreshed at block 0
 
     def reset(self) -> None:
         self.state = None
+        self._stale = None
 
     # --- pieces of one block -----------------------------------------------------------------------
     def _qkv(self, view: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,7 +153,13 @@ class ReuseEngine:
         return y + mlp_res, cache
 
     def _reuse_block(
-        self, view: Any, x: torch.Tensor, c: BlockCache, work: FrameWork, changed: torch.Tensor | None = None
+        self,
+        view: Any,
+        x: torch.Tensor,
+        c: BlockCache,
+        work: FrameWork,
+        changed: torch.Tensor | None = None,
+        stale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ls1, ls2 = _part(view.module, "ls1"), _part(view.module, "ls2")
         if changed is None:
@@ -154,6 +170,8 @@ class ReuseEngine:
             keep[self.num_prefix + changed] = True
             x = torch.where(keep[:, None], x, c.x_ref)
             idx = keep.nonzero().squeeze(1)
+        if stale is not None:  # tokens moved by warp(): their q/k/v are redone from their (held) input
+            idx = torch.cat([idx, stale.nonzero().squeeze(1)]).unique()
         q, k, v = self._qkv(view, view.norm1(x[idx]))
         c.x_ref[idx], c.q[:, idx], c.k[:, idx], c.v[:, idx] = x[idx], q, k, v
         a = self._attend(view, c.q, c.k, c.v)  # every query: the keys/values of changed tokens moved
@@ -169,6 +187,38 @@ class ReuseEngine:
         work.mlp.append(len(idx3))
         return y + c.mlp_res
 
+    def warp(self, src: torch.Tensor, pos_delta: torch.Tensor | None = None) -> None:
+        """Re-index every block's cached per-token state: token ``j`` takes what token ``src[j]`` held.
+
+        The position embedding is the one thing a moved token's cache gets wrong: ``pos_delta`` (its new
+        place's embedding minus its old one's) is added to every block's residual-stream references, so a
+        held token passes the right position on and the gates do not take a position change for a change
+        of content; and on the next frame the first block recomputes the queries, keys and values of the
+        moved tokens from their corrected input, where the position embedding enters attention (1/48 of a
+        token's full cost). Later blocks keep the old position's keys: the price of reusing them.
+
+        Args:
+            src: ``(N,)`` source token per token (prefix tokens map to themselves).
+            pos_delta: ``(N, D)`` position embedding of each token's new place minus that of its old one.
+        """
+        if self.state is None:
+            return
+        n = self.state[0].x_ref.shape[0]
+        if src.shape != (n,) or (pos_delta is not None and pos_delta.shape != self.state[0].x_ref.shape):
+            raise ValueError(f"warp needs src ({n},) and pos_delta ({n}, D); got {tuple(src.shape)}")
+        stale = src != torch.arange(n)
+        moved = stale.nonzero().squeeze(1)
+        origin = src[moved]  # gathered (a copy) before any row is overwritten; only moved rows are copied
+        for c in self.state:
+            for t in (c.x_ref, c.attn_ref, c.attn_res, c.y_ref, c.mlp_res):
+                t[moved] = t[origin]
+            for t in (c.q, c.k, c.v):
+                t[:, moved] = t[:, origin]
+            if pos_delta is not None:
+                c.x_ref[moved] += pos_delta[moved]
+                c.y_ref[moved] += pos_delta[moved]
+        self._stale = stale
+
     # --- one frame ----------------------------------------------------------------------------------
     def __call__(
         self, tokens: torch.Tensor, *, full: bool, changed: torch.Tensor | None = None
@@ -182,6 +232,7 @@ class ReuseEngine:
             raise ValueError(f"token reuse runs one frame at a time, got a batch of {tokens.shape[0]}")
         x = tokens[0]
         work = FrameWork()
+        stale, self._stale = self._stale, None
         if full or self.state is None:
             state = []
             for view in self.blocks:
@@ -194,7 +245,10 @@ class ReuseEngine:
             self.state = state
         else:
             for i, (view, c) in enumerate(zip(self.blocks, self.state, strict=True)):
-                x = self._reuse_block(view, x, c, work, changed if i == 0 else None)
+                if i == 0:
+                    x = self._reuse_block(view, x, c, work, changed, stale)
+                else:
+                    x = self._reuse_block(view, x, c, work)
         return x.unsqueeze(0), work
 
 
@@ -230,6 +284,19 @@ def run_reused(
     with _blocks_replaced(engine.blocks, body):
         feats = encoder.forward_features(x)
     return feats, box[0]
+
+
+def block_input(encoder: Any, x: torch.Tensor) -> torch.Tensor:
+    """The tokens ``(1, N, D)`` that enter the first block for a preprocessed frame ``x`` ``(1, C, H, W)``."""
+    box: list[torch.Tensor] = []
+
+    def body(tokens: torch.Tensor) -> torch.Tensor:
+        box.append(tokens.clone())
+        return tokens
+
+    with _blocks_replaced(encoder.blocks, body):
+        encoder.forward_features(x)
+    return box[0]
 
 
 def check_supported(encoder: Any, x: torch.Tensor, *, tol: float = 1e-3) -> None:

@@ -4,8 +4,11 @@ Keyframes come every ``keyframe_interval`` frames and at scene cuts (Bhattachary
 histograms of consecutive frames above ``cut_threshold``). Between keyframes a patch-level gate marks the
 16x16 patches whose mean absolute pixel change (pixels in [0, 1]) since their last recomputation exceeds
 ``pixel_threshold``; those tokens, and the tokens the per-block gates of :mod:`vitedge.cache.eventful` pass,
-are recomputed, the rest reused. Both paths run on every frame in the same process, interleaved, so the
-time ratio is measured rather than estimated; the FLOP ratio counts the matmul MACs each path performs.
+are recomputed, the rest reused. When the camera moves (``flow``), :mod:`vitedge.cache.flow` first moves the
+cached tokens with it and judges the moved ones against ``shift_threshold``; a still camera takes exactly the
+path above. Both paths run on every frame in the same process, interleaved, so the time ratio is measured
+rather than estimated (motion estimation and the warp are timed with the reuse path); the FLOP ratio counts
+the matmul MACs each path performs (the warp is a gather: no MACs).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitedge.cache.eventful import ReuseEngine, block_macs, check_supported, run_reused
+from vitedge.cache.eventful import ReuseEngine, block_input, block_macs, check_supported, run_reused
+from vitedge.cache.flow import PatchGate, patch_change
 
 __all__ = ["SceneCutDetector", "VideoConfig", "patch_change", "run_video"]
 
@@ -37,30 +41,34 @@ class VideoConfig:
         threshold: relative L2 change of a token's input to a block stage that recomputes it.
         pixel_threshold: mean absolute change of a patch's pixels (0..1) that recomputes its token.
         cut_threshold: HSV-histogram Bhattacharyya distance (0..1) between frames that marks a scene cut.
+        flow: follow camera motion with optical flow, warping the cached tokens (:mod:`vitedge.cache.flow`).
+        shift_threshold: mean absolute pixel change (0..1) that recomputes a token whose content moved since
+            it was computed (compared without motion compensation: the shift is the token's error); the
+            larger of this and ``pixel_threshold`` applies.
+        min_motion: median flow (pixels per frame at the model's input size) below which the camera counts
+            as still and the fixed-camera path runs unchanged.
     """
 
     keyframe_interval: int = 30
     threshold: float = 0.1
     pixel_threshold: float = 0.02
     cut_threshold: float = 0.3
-    flow: bool = False
+    flow: bool = True
+    shift_threshold: float = 0.04
+    min_motion: float = 0.5
 
     def __post_init__(self) -> None:
+        if isinstance(self.keyframe_interval, bool) or not isinstance(self.keyframe_interval, int):
+            raise TypeError(f"keyframe_interval must be an integer, got {self.keyframe_interval!r}")
         if self.keyframe_interval < 1:
             raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
-        for name in ("threshold", "pixel_threshold", "cut_threshold"):
+        for name in ("threshold", "pixel_threshold", "cut_threshold", "shift_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.flow:
-            raise ValueError("optical-flow warping is not implemented yet; run with --no-flow")
-
-
-def patch_change(frame: np.ndarray, ref: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Mean absolute change per patch: frames ``(H, W, 3)`` float in [0, 1] -> ``(gh * gw,)`` row-major."""
-    gh, gw = grid
-    h, w = frame.shape[0] // gh, frame.shape[1] // gw
-    d = np.abs(frame[: gh * h, : gw * w] - ref[: gh * h, : gw * w])
-    return d.reshape(gh, h, gw, w, -1).mean(axis=(1, 3, 4)).reshape(-1)
+        if not isinstance(self.flow, bool):
+            raise TypeError(f"flow must be True or False, got {self.flow!r}")
+        if not 0 <= self.min_motion <= 64:
+            raise ValueError(f"min_motion must be in [0, 64] pixels per frame, got {self.min_motion}")
 
 
 class SceneCutDetector:
@@ -92,8 +100,12 @@ class _Trace:
     cosine: list[float] = field(default_factory=list)
     naive: list[float] = field(default_factory=list)
     recomputed: list[float] = field(default_factory=list)  # share of patch tokens through the first qkv
+    gated: list[float] = field(default_factory=list)  # share of patches the patch gate recomputes
     keyframes: list[int] = field(default_factory=list)
     cuts: list[int] = field(default_factory=list)
+    motion: list[float] = field(default_factory=list)  # median flow per frame between keyframes, px
+    moving: int = 0  # frames where the camera moved (median flow >= min_motion)
+    warped: int = 0  # frames whose cached tokens changed cells with the camera
     full_s: float = 0.0
     reuse_s: float = 0.0
     full_macs: int = 0
@@ -137,7 +149,14 @@ def run_video(
     engine = ReuseEngine(blocks, num_prefix=n_prefix, threshold=config.threshold)
     cuts = SceneCutDetector(config.cut_threshold)
     tr = _Trace()
-    ref_px: np.ndarray | None = None
+    gate = PatchGate(
+        enc.layout.grid,
+        pixel_threshold=config.pixel_threshold,
+        shift_threshold=config.shift_threshold,
+        flow=config.flow,
+        min_motion=config.min_motion,
+    )
+    pos = torch.zeros(0)
     naive_feats: torch.Tensor | None = None
     since_key = 0
     from vitedge.commands import _progress
@@ -150,6 +169,8 @@ def run_video(
             if i == 0:
                 check_supported(enc, x)
                 enc.forward_features(x)  # warm-up of both paths before timing
+                # block-0 tokens of a blank frame: the position embedding plus one constant for all patches
+                pos = block_input(enc, torch.zeros_like(x))[0]
             t0 = time.perf_counter()
             full = enc.forward_features(x)
             tr.full_s += time.perf_counter() - t0
@@ -159,18 +180,19 @@ def run_video(
             is_cut = cuts(rgb)
             keyframe = i == 0 or is_cut or since_key >= config.keyframe_interval
             changed = None
-            if keyframe or ref_px is None:
-                ref_px, since_key = px, 0
+            if keyframe:
+                gate.keyframe(px, rgb)
+                since_key = 0
             else:
-                moved = np.flatnonzero(patch_change(px, ref_px, enc.layout.grid) > config.pixel_threshold)
-                gh, gw = enc.layout.grid
-                ph, pw = px.shape[0] // gh, px.shape[1] // gw
-                for j in moved:  # the reference follows what was recomputed
-                    r, c = divmod(int(j), gw)
-                    ref_px[r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = px[
-                        r * ph : (r + 1) * ph, c * pw : (c + 1) * pw
-                    ]
-                changed = torch.from_numpy(moved)
+                step = gate(px, rgb)
+                if step.src is not None:
+                    engine.warp(*_token_source(step.src, n_prefix, pos))
+                    tr.warped += 1
+                tr.motion.append(float(np.hypot(*step.shift)))
+                tr.gated.append(len(step.changed) / enc.layout.num_patches)
+                if config.flow and tr.motion[-1] >= config.min_motion:
+                    tr.moving += 1
+                changed = torch.from_numpy(step.changed)
             feats, work = run_reused(enc, engine, x, full=keyframe, changed=changed)
             tr.reuse_s += time.perf_counter() - t0
             since_key += 1
@@ -202,6 +224,10 @@ def run_video(
         "scene_cuts": tr.cuts,
         "keyframes": len(tr.keyframes),
         "mean_tokens_recomputed": float(np.mean(tr.recomputed)),
+        "mean_patches_changed": float(np.mean(tr.gated)) if tr.gated else 0.0,
+        "mean_motion_px": float(np.mean(tr.motion)) if tr.motion else 0.0,
+        "moving_frames": tr.moving,
+        "warped_frames": tr.warped,
         "full_s": tr.full_s,
         "reuse_s": tr.reuse_s,
         "config": {
@@ -209,12 +235,21 @@ def run_video(
             "threshold": config.threshold,
             "pixel_threshold": config.pixel_threshold,
             "cut_threshold": config.cut_threshold,
+            "flow": config.flow,
+            "shift_threshold": config.shift_threshold,
+            "min_motion": config.min_motion,
         },
     }
     if plot is not None:
         _plot(tr, plot, title=f"{model_id} on {Path(file).name}")
         out["plot"] = str(plot)
     return out
+
+
+def _token_source(src: np.ndarray, num_prefix: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch sources ``(P,)`` -> token sources ``(N,)`` and the position-embedding correction ``(N, D)``."""
+    idx = torch.cat([torch.arange(num_prefix), num_prefix + torch.from_numpy(src)])
+    return idx, pos - pos.index_select(0, idx)
 
 
 def _outside_blocks_macs(enc: Any, analyze: Any, n_tokens: int) -> int:
