@@ -59,6 +59,8 @@ class TimmSwin(Encoder):
         self.block_runner: Callable[[TimmSwin, int, nn.Module, torch.Tensor], torch.Tensor] | None = None
         # Windows each block computes (global block index, windows per image) -> kept; for arch().
         self.window_plan: Callable[[int, int], int] | None = None
+        # Set by window merging: (global block index, window, grid) -> tokens computed per window; for arch().
+        self.window_tokens: Callable[[int, tuple[int, int], tuple[int, int]], int] | None = None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -145,7 +147,7 @@ class TimmSwin(Encoder):
         ]
         first = 0
         for s, stage in enumerate(m.layers):
-            layers += _swin_stage_layers(s, stage, first, self.window_plan)
+            layers += _swin_stage_layers(s, stage, first, self.window_plan, self.window_tokens)
             first += len(stage.blocks)
         fh, fw = self.final_grid
         head_ops = linear_ops("head", m.head, 1)
@@ -173,10 +175,15 @@ class TimmSwin(Encoder):
 
 
 def _swin_stage_layers(
-    s: int, stage: Any, first: int, window_plan: Callable[[int, int], int] | None
+    s: int,
+    stage: Any,
+    first: int,
+    window_plan: Callable[[int, int], int] | None,
+    window_tokens: Callable[[int, tuple[int, int], tuple[int, int]], int] | None = None,
 ) -> list[LayerSpec]:
     """Layers of stage ``s`` whose first block has global index ``first``; ``window_plan`` gives the windows
-    a block computes when window pruning skips some (their tokens then also skip the MLP)."""
+    a block computes when window pruning skips some (their tokens then also skip the MLP), ``window_tokens``
+    the tokens per window a block computes when window merging folds some (plus the matching products)."""
     layers: list[LayerSpec] = []
     in_h, in_w = stage.input_resolution
     h, w = stage.output_resolution
@@ -200,17 +207,33 @@ def _swin_stage_layers(
         windows = (hp // wh) * (wp // ww)
         if window_plan is not None:
             windows = window_plan(first + j, windows)
-        active = min(windows * wh * ww, h * w)  # tokens that run the MLP (padding never does)
+        n = wh * ww
+        if window_tokens is not None:
+            n = window_tokens(first + j, (wh, ww), (h, w))
+        active = min(windows * n, h * w)  # tokens that run the MLP (padding never does)
         a = attention_view(b.attn)
         name = f"layers.{s}.blocks.{j}"
-        attn_lin = linear_ops(f"{name}.attn", b.attn, windows * wh * ww)
+        attn_lin = linear_ops(f"{name}.attn", b.attn, windows * n)
+        match: tuple[LinearOp, ...] = ()
+        if n < wh * ww:  # cosine similarity of every window's sources against its destinations
+            nd = ((wh + 1) // 2) * ((ww + 1) // 2)
+            match = (
+                LinearOp(
+                    name=f"{name}.merge.match",
+                    tokens=windows * (wh * ww - nd),
+                    in_features=b.dim,
+                    out_features=nd,
+                    weight=False,
+                ),
+            )
         attn_ops: tuple[LinearOp | AttnOp, ...] = (
+            *match,
             *attn_lin,
             AttnOp(
                 name=f"{name}.attn.sdpa",
                 windows=windows,
-                q_tokens=wh * ww,
-                kv_tokens=wh * ww,
+                q_tokens=n,
+                kv_tokens=n,
                 heads=a.num_heads,
                 head_dim=a.head_dim,
                 fused=bool(getattr(b.attn, "fused_attn", False)),
@@ -224,7 +247,7 @@ def _swin_stage_layers(
                 ops=attn_ops,
                 in_elements=h * w * dim,
                 out_elements=h * w * dim,
-                hidden_elements=windows * wh * ww * attn_lin[0].out_features,
+                hidden_elements=windows * n * attn_lin[0].out_features,
                 extra_params=param_count([b.norm1, b.attn]) - sum(op.params for op in attn_lin),
             )
         )

@@ -10,6 +10,9 @@ so the merged map can be drawn or the features restored to the full grid for pro
 Schedules: ``constant`` (``r`` per block), ``decreasing`` (2r at the first block down to 0 at the last, the
 same total), or ``seed`` (the seed's keep ratios 100/75/50/25 % of the patch tokens over the four quarters of
 the depth; ``r`` is ignored). An ``r`` larger than a block can merge is clamped there, as in ToMe.
+
+On Swin, ``merge:r=N`` folds ``N`` tokens per window within each block and unmerges them after it
+(:mod:`vitedge.tokens.window_merge`), so the window structure survives.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from vitedge.tokens.runner import (
     ones_size,
     run_block,
 )
+from vitedge.tokens.window_merge import install_window_merging
 
 MergeFn = Callable[[torch.Tensor, str], torch.Tensor]
 SCHEDULES = ("constant", "decreasing", "seed")
@@ -193,6 +197,9 @@ def merge_plan(config: MergeConfig, encoder: SequenceEncoder) -> list[BlockToken
 
 @register("merge")
 def _apply_merge(model: Encoder, config: MergeConfig) -> None:
+    if model.info.family == "swin":  # merged within windows and unmerged after each block
+        _apply_window_merge(model, config)
+        return
     check_supported(model, "merge")  # type: ignore[arg-type]
     assert isinstance(model, SequenceEncoder)
     if config.r == 0 and config.schedule != "seed":
@@ -201,3 +208,16 @@ def _apply_merge(model: Encoder, config: MergeConfig) -> None:
         raise ValueError("merge cannot stack on another token-reduction technique (merge, prune or adaptive)")
     model.block_runner = merge_runner(config)
     model.token_plan = lambda enc: merge_plan(config, enc)
+
+
+def _apply_window_merge(model: Encoder, config: MergeConfig) -> None:
+    if config.schedule != "constant":
+        raise ValueError(
+            "on Swin, merge folds r tokens per window in every block and unmerges them after it, so only "
+            f"the constant schedule applies, got schedule={config.schedule}"
+        )
+    if config.r == 0:
+        return  # neutral: the native blocks run untouched
+    if getattr(model, "block_runner", None) is not None:
+        raise ValueError("merge cannot stack on another token-reduction technique on this Swin model")
+    install_window_merging(model, config.r, prop_attn=config.prop_attn)

@@ -1,0 +1,92 @@
+"""Swin token merging within windows: r=0 reproduces the block, the groups, the cost model, accuracy on
+real CIFAR-10 images, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support import load_cached
+from vitedge.api import optimize_
+from vitedge.data import as_tensor_batches, open_dataset
+from vitedge.measure import analyze, count_flops
+from vitedge.models import load
+from vitedge.options import parse_options
+from vitedge.tokens.window_merge import _groups, cell_split, merged_swin_block, window_merge_r
+
+SWIN_T = "timm:swin_tiny_patch4_window7_224"
+
+
+@pytest.mark.parametrize("block_index", [0, 1])  # unshifted and shifted (with the shifted-window mask)
+def test_merging_nothing_reproduces_the_block(block_index: int) -> None:
+    model = load_cached(SWIN_T)
+    block = model.model.layers[0].blocks[block_index]
+    x = torch.randn(2, 56, 56, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = block(x)
+        out = merged_swin_block(model.block_parts(block, (56, 56)), x, 0)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_cell_split_and_clamp() -> None:
+    dst, src = cell_split((4, 4))
+    assert dst.tolist() == [0, 2, 8, 10] and len(src) == 12
+    dst, src = cell_split((7, 7))
+    assert len(dst) == 16 and len(src) == 33
+    assert (
+        window_merge_r(100, (4, 4)) == 12
+        and window_merge_r(5, (7, 7)) == 5
+        and window_merge_r(-1, (4, 4)) == 0
+    )
+
+
+def test_groups_cover_the_window_and_respect_the_mask() -> None:
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(6, 16, 8, generator=gen)
+    _, src = cell_split((4, 4))
+    allowed = torch.ones(6, 12, 4, dtype=torch.bool)
+    allowed[:, :, 0] = False  # no source may join the first destination
+    group, rep = _groups(tokens, (4, 4), 5, allowed)
+    assert group.shape == (6, 16) and rep.shape == (6, 11)
+    counts = torch.zeros(6, 11, dtype=torch.long).scatter_add_(1, group, torch.ones(6, 16, dtype=torch.long))
+    assert (counts >= 1).all() and (counts.sum(1) == 16).all()  # every position in one group, none empty
+    assert (counts[:, 0] == 1).all()  # the forbidden destination stayed alone
+    assert (group.gather(1, rep) == torch.arange(11)).all()  # each group sits at its own member's position
+    # identical tokens are merged first: make source 0 equal to destination 1
+    tokens[:, src[0]] = tokens[:, 2]
+    group, _ = _groups(tokens, (4, 4), 1, None)
+    assert (group[:, src[0]] == 1).all()
+
+
+def test_neutral_and_cost_model() -> None:
+    base = load(SWIN_T)
+    x = base.example_input(1)
+    with torch.no_grad():
+        ref = base(x)
+        optimize_(base, *parse_options(["merge:r=0"]))
+        assert torch.equal(base(x), ref)
+    merged = optimize_(load(SWIN_T), *parse_options(["merge:r=16"]))
+    analytic = analyze(merged.arch()).flops
+    assert abs(count_flops(merged, x).total / analytic - 1) < 0.01
+    assert analytic < 0.8 * analyze(base.arch()).flops
+
+
+def test_cifar_swin_keeps_its_predictions() -> None:
+    """On real CIFAR-10 test images, merging a quarter of each window changes few predictions."""
+    base = load("cifar-swin")
+    merged = optimize_(load("cifar-swin"), *parse_options(["merge:r=4"]))
+    x, y = next(as_tensor_batches(open_dataset("cifar10", base.preprocess, limit=256), 256))
+    with torch.inference_mode():
+        p0, p1 = base(x).argmax(-1), merged(x).argmax(-1)
+    assert (p0 == p1).float().mean() > 0.9
+    assert (p1 == y).float().mean() > (p0 == y).float().mean() - 0.05
+    assert analyze(merged.arch()).flops < 0.85 * analyze(base.arch()).flops
+
+
+def test_swin_merge_refusals() -> None:
+    with pytest.raises(ValueError, match="constant schedule"):
+        optimize_(load(SWIN_T), *parse_options(["merge:r=4,schedule=decreasing"]))
+    with pytest.raises(ValueError, match="cannot stack"):
+        optimize_(load(SWIN_T), *parse_options(["merge:r=4", "prune:keep=0.5"]))
+    with pytest.raises(ValueError, match="cannot stack"):
+        optimize_(load(SWIN_T), *parse_options(["prune:keep=0.5", "merge:r=4"]))
