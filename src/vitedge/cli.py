@@ -481,6 +481,9 @@ def video_(
     min_motion: Annotated[
         float, typer.Option("--min-motion", help="median flow (px/frame) below which the camera is still")
     ] = 0.5,
+    all_queries: Annotated[
+        bool, typer.Option("--all-queries", help="attention for every query, not only recomputed tokens")
+    ] = False,
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="first N frames only")] = None,
     plot: Annotated[
         Path | None, typer.Option("--plot", help="PNG over time (default <video>-reuse.png)")
@@ -501,6 +504,7 @@ def video_(
         flow=flow,
         shift_threshold=shift_threshold,
         min_motion=min_motion,
+        all_queries=all_queries,
     )
     result = run_video(
         model,

@@ -47,6 +47,8 @@ class VideoConfig:
             larger of this and ``pixel_threshold`` applies.
         min_motion: median flow (pixels per frame at the model's input size) below which the camera counts
             as still and the fixed-camera path runs unchanged.
+        all_queries: evaluate attention for every token's query on reused frames, not only for the
+            recomputed tokens (:class:`~vitedge.cache.eventful.ReuseEngine`).
     """
 
     keyframe_interval: int = 30
@@ -56,6 +58,7 @@ class VideoConfig:
     flow: bool = True
     shift_threshold: float = 0.04
     min_motion: float = 0.5
+    all_queries: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.keyframe_interval, bool) or not isinstance(self.keyframe_interval, int):
@@ -65,8 +68,9 @@ class VideoConfig:
         for name in ("threshold", "pixel_threshold", "cut_threshold", "shift_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not isinstance(self.flow, bool):
-            raise TypeError(f"flow must be True or False, got {self.flow!r}")
+        for name in ("flow", "all_queries"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not 0 <= self.min_motion <= 64:
             raise ValueError(f"min_motion must be in [0, 64] pixels per frame, got {self.min_motion}")
 
@@ -114,7 +118,8 @@ class _Trace:
 
 def _frame_macs(blocks: list[Any], n: int, work: Any) -> int:
     return sum(
-        block_macs(v, n, q, p, m) for v, q, p, m in zip(blocks, work.qkv, work.proj, work.mlp, strict=True)
+        block_macs(v, n, q, p, m, a)
+        for v, q, p, m, a in zip(blocks, work.qkv, work.proj, work.mlp, work.queries, strict=True)
     )
 
 
@@ -146,7 +151,9 @@ def run_video(
     n_prefix = enc.layout.num_prefix
     n_tokens = enc.layout.num_tokens
     embed_macs = _outside_blocks_macs(enc, analyze, n_tokens)
-    engine = ReuseEngine(blocks, num_prefix=n_prefix, threshold=config.threshold)
+    engine = ReuseEngine(
+        blocks, num_prefix=n_prefix, threshold=config.threshold, all_queries=config.all_queries
+    )
     cuts = SceneCutDetector(config.cut_threshold)
     tr = _Trace()
     gate = PatchGate(
@@ -238,6 +245,7 @@ def run_video(
             "flow": config.flow,
             "shift_threshold": config.shift_threshold,
             "min_motion": config.min_motion,
+            "all_queries": config.all_queries,
         },
     }
     if plot is not None:
@@ -266,7 +274,7 @@ def _all(work: Any, n: int) -> Any:
     from vitedge.cache.eventful import FrameWork
 
     k = len(work.qkv)
-    return FrameWork(qkv=[n] * k, proj=[n] * k, mlp=[n] * k)
+    return FrameWork(qkv=[n] * k, proj=[n] * k, mlp=[n] * k, queries=[n] * k)
 
 
 def _plot(tr: _Trace, path: Path, *, title: str) -> None:
