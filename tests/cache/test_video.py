@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vitedge.cache.eventful import ReuseEngine, check_supported, run_reused
+from vitedge.cache.eventful import ReuseEngine, block_macs, check_supported, run_reused
 from vitedge.cache.video import SceneCutDetector, VideoConfig, patch_change, run_video
 from vitedge.cli import app
 from vitedge.models import load
@@ -46,6 +46,27 @@ def test_static_frame_recomputes_only_the_class_token(deit: torch.nn.Module) -> 
         again, work = run_reused(deit, engine, x, full=False, changed=torch.tensor([], dtype=torch.long))
     assert work.qkv == [1] * len(deit.blocks)
     assert torch.allclose(first, again, atol=1e-5)
+
+
+@pytest.mark.parametrize("all_queries", [False, True])
+def test_attention_rows_follow_the_recomputed_tokens(deit: torch.nn.Module, all_queries: bool) -> None:
+    x = deit.example_input(1)
+    y = x.clone()
+    y[..., :32, :32] += 0.5  # the four patches of the top-left corner change
+    changed = torch.tensor([0, 1, 14, 15])
+    engine = ReuseEngine(deit.blocks, num_prefix=1, threshold=0.1, all_queries=all_queries)
+    with torch.inference_mode():
+        run_reused(deit, engine, x, full=True)
+        got, work = run_reused(deit, engine, y, full=False, changed=changed)
+        want = deit.forward_features(y)
+    assert work.qkv[0] == 5
+    if all_queries:
+        assert work.queries == [197] * len(deit.blocks)
+    else:
+        assert work.queries == work.qkv  # rows only for the tokens whose q, k, v were recomputed
+    cos = torch.nn.functional.cosine_similarity(got[0, 1:], want[0, 1:], dim=-1)
+    assert cos.mean() > 0.99
+    assert block_macs(deit.blocks[0], 197, 5, 5, 5, 5) < block_macs(deit.blocks[0], 197, 5, 5, 5)
 
 
 def test_swin_is_refused_clearly() -> None:
