@@ -11,6 +11,7 @@ from support import SUPPORTED_IDS, load_cached
 from vitedge.api import optimize_
 from vitedge.models import load
 from vitedge.models.base import SequenceEncoder
+from vitedge.models.cifar import build_project_model
 from vitedge.options import parse_options
 from vitedge.tokens.merge import MergeConfig, bipartite_soft_matching, merge_runner, merge_state, schedule_r
 from vitedge.tokens.runner import TokenState
@@ -148,3 +149,18 @@ def test_cost_model_follows_merging(model_id: str, opt: str) -> None:
     analytic = analyze(model.arch()).flops
     assert abs(counted / analytic - 1) < 0.01
     assert analytic < analyze(load_cached(model_id).arch()).flops
+
+
+def test_merge_keeps_stochastic_depth_in_training() -> None:
+    """Token-aware training (``vitedge train -O merge:...``) keeps the blocks' drop-path; eval stays exact."""
+    model = optimize_(build_project_model("cifar-vit", drop_path=0.5), *parse_options(["merge:r=2"]))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert not torch.allclose(a, b)  # a different set of blocks dropped per sample
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))

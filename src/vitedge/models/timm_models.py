@@ -104,6 +104,8 @@ class TimmVit(SequenceEncoder):
                 mlp=b.mlp,
                 ls1=getattr(b, "ls1", None) or nn.Identity(),
                 ls2=getattr(b, "ls2", None) or nn.Identity(),
+                drop1=getattr(b, "drop_path1", None) or nn.Identity(),
+                drop2=getattr(b, "drop_path2", None) or nn.Identity(),
             )
             for b in self.model.blocks
         ]

@@ -111,11 +111,11 @@ def run_block(
     x = state.x
     size = state.size if state.prop_attn else None
     y, info = attend(view.attn, view.norm1(x), size, needs if reducer else Needs(), kernel)
-    state.x = x + view.ls1(y)
+    state.x = x + view.drop1(view.ls1(y))  # drop1/drop2: stochastic depth, identity in eval mode
     if reducer is not None:
         state = reducer(i, state, info)
     x = state.x
-    state.x = x + view.ls2(view.mlp(view.norm2(x)))
+    state.x = x + view.drop2(view.ls2(view.mlp(view.norm2(x))))
     return state
 
 
