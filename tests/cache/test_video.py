@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vitedge.cache.eventful import ReuseEngine, block_macs, check_supported, run_reused
+from vitedge.cache.eventful import ReuseEngine, check_supported, run_reused
 from vitedge.cache.video import SceneCutDetector, VideoConfig, patch_change, run_video
 from vitedge.cli import app
 from vitedge.models import load
@@ -57,16 +57,48 @@ def test_attention_rows_follow_the_recomputed_tokens(deit: torch.nn.Module, all_
     engine = ReuseEngine(deit.blocks, num_prefix=1, threshold=0.1, all_queries=all_queries)
     with torch.inference_mode():
         run_reused(deit, engine, x, full=True)
+        assert engine.state is not None
+        before = engine.state[0].attn_ref.clone()
         got, work = run_reused(deit, engine, y, full=False, changed=changed)
         want = deit.forward_features(y)
-    assert work.qkv[0] == 5
-    if all_queries:
-        assert work.queries == [197] * len(deit.blocks)
-    else:
-        assert work.queries == work.qkv  # rows only for the tokens whose q, k, v were recomputed
+    assert work.qkv[0] == 5 and work.queries[0] == (197 if all_queries else 5)
+    if not all_queries:  # the bottom-right patch did not change: its attention row is not re-evaluated
+        assert torch.equal(engine.state[0].attn_ref[196], before[196])
     cos = torch.nn.functional.cosine_similarity(got[0, 1:], want[0, 1:], dim=-1)
     assert cos.mean() > 0.99
-    assert block_macs(deit.blocks[0], 197, 5, 5, 5, 5) < block_macs(deit.blocks[0], 197, 5, 5, 5)
+
+
+def test_all_queries_at_threshold_zero_reproduces_the_model(deit: torch.nn.Module) -> None:
+    a, b = deit.example_input(2)
+    engine = ReuseEngine(deit.blocks, num_prefix=1, threshold=0.0, all_queries=True)
+    with torch.inference_mode():
+        run_reused(deit, engine, a[None], full=True)
+        got, work = run_reused(deit, engine, b[None], full=False)
+        want = deit.forward_features(b[None])
+    assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item())
+    assert work.queries == [197] * len(deit.blocks)
+
+
+def test_recomputed_queries_skip_the_unchanged_rows(deit: torch.nn.Module) -> None:
+    """By default an unchanged token's attention output is not recomputed, so its first-block residual is the
+    cached one; with all_queries the same frame differs there (the changed tokens' keys moved)."""
+    x = deit.example_input(1)
+    y = x.clone()
+    y[..., :32, :32] += 0.5
+    changed = torch.tensor([0, 1, 14, 15])
+    outs = {}
+    with torch.inference_mode():
+        for flag in (False, True):
+            engine = ReuseEngine(deit.blocks, num_prefix=1, threshold=0.0, all_queries=flag)
+            run_reused(deit, engine, x, full=True)
+            assert engine.state is not None
+            before = engine.state[0].attn_res.clone()
+            run_reused(deit, engine, y, full=False, changed=changed)
+            outs[flag] = (before, engine.state[0].attn_res.clone())
+    before, after = outs[False]
+    assert torch.equal(after[196], before[196])
+    before, after = outs[True]
+    assert not torch.equal(after[196], before[196])  # threshold 0: every moved attention row re-projected
 
 
 def test_swin_is_refused_clearly() -> None:

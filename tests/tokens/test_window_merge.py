@@ -3,6 +3,8 @@ real CIFAR-10 images, and the refusals."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from vitedge.api import optimize_
 from vitedge.data import as_tensor_batches, open_dataset
 from vitedge.measure import analyze, count_flops
 from vitedge.models import load
+from vitedge.models.cifar import build_project_model
 from vitedge.options import parse_options
 from vitedge.tokens.window_merge import _groups, cell_split, merged_swin_block, window_merge_r
 
@@ -26,6 +29,52 @@ def test_merging_nothing_reproduces_the_block(block_index: int) -> None:
         ref = block(x)
         out = merged_swin_block(model.block_parts(block, (56, 56)), x, 0)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [6, 12])
+@pytest.mark.parametrize("block_index", [0, 1])  # unshifted and shifted (with the shifted-window mask)
+def test_merging_duplicates_is_exact(block_index: int, r: int) -> None:
+    """Where every 2x2 cell holds four equal tokens, merging them loses nothing: proportional attention
+    weighs a merged key as the equal keys it stands for. The relative-position bias is zeroed (merged tokens
+    take their destination's position), so the mask and bias gathers are what this checks."""
+    model = load("cifar-swin")
+    block = copy.deepcopy(model.model.layers[0].blocks[block_index])
+    block.attn.relative_position_bias_table.data.zero_()
+    coarse = torch.randn(2, 8, 8, 64, generator=torch.Generator().manual_seed(3))
+    x = coarse.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # (2, 16, 16, 64)
+    with torch.no_grad():
+        ref = block(x)
+        out = merged_swin_block(model.block_parts(block, (16, 16)), x, r)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_swin_merge_keeps_stochastic_depth_in_training() -> None:
+    torch.manual_seed(0)
+    dropping = build_project_model("cifar-swin", drop_path=0.5)
+    plain = build_project_model("cifar-swin", drop_path=0.0)
+    plain.load_state_dict(dropping.state_dict())
+    dropping, plain = (optimize_(m, *parse_options(["merge:r=4"])) for m in (dropping, plain))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    dropping.train()
+    torch.manual_seed(0)
+    a = dropping(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, dropping(x))  # other blocks dropped for other samples
+    dropping.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(dropping(x), plain(x), atol=1e-6)  # eval: drop-path is the identity
+
+
+def test_too_large_r_on_a_shifted_window_is_refused() -> None:
+    _, src = cell_split((4, 4))
+    tokens = torch.randn(2, 16, 8)
+    allowed = torch.zeros(2, 12, 4, dtype=torch.bool)
+    allowed[:, :6] = True  # half the sources have no destination in their region
+    with pytest.raises(ValueError, match="shifted-window mask"):
+        _groups(tokens, (4, 4), 8, allowed)
+    group, _ = _groups(tokens, (4, 4), 6, allowed)
+    assert (group[:, src[6:]] >= 4).all()  # the unmatched sources stay on their own
 
 
 def test_cell_split_and_clamp() -> None:

@@ -226,8 +226,19 @@ class ReuseEngine:
         if self.state is None:
             return
         n = self.state[0].x_ref.shape[0]
-        if src.shape != (n,) or (pos_delta is not None and pos_delta.shape != self.state[0].x_ref.shape):
-            raise ValueError(f"warp needs src ({n},) and pos_delta ({n}, D); got {tuple(src.shape)}")
+        if src.shape != (n,) or src.dtype != torch.long:
+            raise ValueError(
+                f"warp needs src as ({n},) int64 token indices, got {tuple(src.shape)} {src.dtype}"
+            )
+        if pos_delta is not None and pos_delta.shape != self.state[0].x_ref.shape:
+            want = tuple(self.state[0].x_ref.shape)
+            raise ValueError(f"warp needs pos_delta of shape {want}, got {tuple(pos_delta.shape)}")
+        if n and (int(src.min()) < 0 or int(src.max()) >= n):
+            raise ValueError(
+                f"warp: src indices must lie in [0, {n}), got {int(src.min())}..{int(src.max())}"
+            )
+        if not torch.equal(src[: self.num_prefix], torch.arange(self.num_prefix)):
+            raise ValueError("warp: prefix (class) tokens must map to themselves")
         stale = src != torch.arange(n)
         moved = stale.nonzero().squeeze(1)
         origin = src[moved]  # gathered (a copy) before any row is overwritten; only moved rows are copied

@@ -189,20 +189,23 @@ class PatchGate:
         self.ref = np.zeros((n, 1, 1, 1), np.float32)  # (P, ph, pw, C) what each token was computed on
         self.offsets = np.zeros((n, 2))  # (P, 2) where that content lies now, relative to the cell
         self._prev_grey: np.ndarray | None = None
+        self._keyed = False
 
     def keyframe(self, px: np.ndarray, rgb: np.ndarray) -> None:
         """Every token is recomputed on ``px`` ``(H, W, 3)`` float (``rgb`` is the same frame as uint8)."""
         self.ref = patches(px, self.grid)
         self.offsets[:] = 0
         self._prev_grey = flow_frame(rgb) if self.flow else None
+        self._keyed = True
 
     def __call__(self, px: np.ndarray, rgb: np.ndarray) -> MotionStep:
         """Decide for a frame between keyframes: ``px`` float ``(H, W, 3)`` in [0, 1], ``rgb`` its uint8."""
+        if not self._keyed:
+            raise ValueError("PatchGate: call keyframe() on the first frame")
         src = None
         shift = (0.0, 0.0)
         if self.flow:
-            if self._prev_grey is None:
-                raise RuntimeError("PatchGate: call keyframe() on the first frame")
+            assert self._prev_grey is not None
             grey = flow_frame(rgb)
             per_cell, median = cell_flow(self._prev_grey, grey, self.grid)
             self._prev_grey = grey

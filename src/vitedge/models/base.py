@@ -111,10 +111,9 @@ class BlockView:
     mlp: nn.Module
     ls1: nn.Module = field(default_factory=nn.Identity)  # layer scale on the attention branch
     ls2: nn.Module = field(default_factory=nn.Identity)  # layer scale on the MLP branch
-    drop1: nn.Module = field(
-        default_factory=nn.Identity
-    )  # stochastic depth on the attention branch (training)
-    drop2: nn.Module = field(default_factory=nn.Identity)  # stochastic depth, MLP branch (training)
+    # stochastic depth on the attention and MLP branches (training only)
+    drop1: nn.Module = field(default_factory=nn.Identity)
+    drop2: nn.Module = field(default_factory=nn.Identity)
     stage: int = 0
     window: tuple[int, int] | None = None  # None: global attention
     shift: int = 0

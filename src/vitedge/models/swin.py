@@ -21,11 +21,14 @@ from vitedge.models._timm_common import attention_view, preprocess_of
 from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, TokenLayout
 from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
 
+WindowTokens = Callable[[int, tuple[int, int], tuple[int, int]], tuple[int, int]]
+
 
 @dataclass(eq=False, kw_only=True)
 class SwinBlockParts:
-    """One Swin block's pieces: window size and cyclic shift, the (1, heads, N, N) relative-position bias, and
-    the (windows, N, N) 0/-inf mask of shifted windows (None for unshifted blocks)."""
+    """One Swin block's pieces: window size and cyclic shift, the (1, heads, N, N) relative-position bias,
+    the (windows, N, N) mask of shifted windows (0 within a region, a large negative number across; None for
+    unshifted blocks), and the stochastic depth of the two branches (identity in eval mode)."""
 
     norm1: nn.Module
     norm2: nn.Module
@@ -35,6 +38,8 @@ class SwinBlockParts:
     shift: tuple[int, int]
     rel_bias: torch.Tensor
     mask: torch.Tensor | None
+    drop1: nn.Module
+    drop2: nn.Module
 
 
 class TimmSwin(Encoder):
@@ -59,8 +64,9 @@ class TimmSwin(Encoder):
         self.block_runner: Callable[[TimmSwin, int, nn.Module, torch.Tensor], torch.Tensor] | None = None
         # Windows each block computes (global block index, windows per image) -> kept; for arch().
         self.window_plan: Callable[[int, int], int] | None = None
-        # Set by window merging: (global block index, window, grid) -> tokens computed per window; for arch().
-        self.window_tokens: Callable[[int, tuple[int, int], tuple[int, int]], int] | None = None
+        # Set by window merging: (global block index, window, grid) -> (tokens computed per window,
+        # destination tokens each source is compared with, 0 when the block does not merge); for arch().
+        self.window_tokens: WindowTokens | None = None
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -94,6 +100,8 @@ class TimmSwin(Encoder):
             shift=tuple(block.shift_size),
             rel_bias=attn._get_rel_pos_bias(),
             mask=mask,
+            drop1=getattr(block, "drop_path1", None) or nn.Identity(),
+            drop2=getattr(block, "drop_path2", None) or nn.Identity(),
         )
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
@@ -179,7 +187,7 @@ def _swin_stage_layers(
     stage: Any,
     first: int,
     window_plan: Callable[[int, int], int] | None,
-    window_tokens: Callable[[int, tuple[int, int], tuple[int, int]], int] | None = None,
+    window_tokens: WindowTokens | None = None,
 ) -> list[LayerSpec]:
     """Layers of stage ``s`` whose first block has global index ``first``; ``window_plan`` gives the windows
     a block computes when window pruning skips some (their tokens then also skip the MLP), ``window_tokens``
@@ -207,16 +215,15 @@ def _swin_stage_layers(
         windows = (hp // wh) * (wp // ww)
         if window_plan is not None:
             windows = window_plan(first + j, windows)
-        n = wh * ww
+        n, nd = wh * ww, 0
         if window_tokens is not None:
-            n = window_tokens(first + j, (wh, ww), (h, w))
+            n, nd = window_tokens(first + j, (wh, ww), (h, w))
         active = min(windows * n, h * w)  # tokens that run the MLP (padding never does)
         a = attention_view(b.attn)
         name = f"layers.{s}.blocks.{j}"
         attn_lin = linear_ops(f"{name}.attn", b.attn, windows * n)
         match: tuple[LinearOp, ...] = ()
-        if n < wh * ww:  # cosine similarity of every window's sources against its destinations
-            nd = ((wh + 1) // 2) * ((ww + 1) // 2)
+        if nd:  # cosine similarity of every window's sources against its destinations
             match = (
                 LinearOp(
                     name=f"{name}.merge.match",
@@ -236,7 +243,8 @@ def _swin_stage_layers(
                 kv_tokens=n,
                 heads=a.num_heads,
                 head_dim=a.head_dim,
-                fused=bool(getattr(b.attn, "fused_attn", False)),
+                # window merging runs its attention as two batched matmuls (scores materialised)
+                fused=bool(getattr(b.attn, "fused_attn", False)) and not nd,
             ),
         )
         dim = b.dim

@@ -26,7 +26,8 @@ Per block and window (``N = wh * ww`` tokens):
 
 ``r`` counts tokens per window and block; an ``r`` above what a window can merge (its sources) is clamped
 there, so ``r=8`` is a half of a 4x4 window and a sixth of a 7x7 one. Blocks whose grid needs padding to whole
-windows run natively. Measured on cifar-swin and timm Swin-T by ``benchmarks/bench_tokens.py --only swin``.
+windows run natively. Features always come back on the full grid, so ``restore`` changes nothing here.
+Measured on cifar-swin and timm Swin-T by ``benchmarks/bench_tokens.py --only swin``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _groups(
         ``group``: ``(BW, N)`` merged token each position belongs to, in ``[0, N - r)``: destinations first,
         then the sources that stay; ``rep``: ``(BW, N - r)`` the window position of each merged token.
     """
-    dst_pos, src_pos = cell_split(window)
+    dst_pos, src_pos = (t.to(tokens.device) for t in cell_split(window))
     bw, n, _ = tokens.shape
     nd, ns = len(dst_pos), len(src_pos)
     with torch.no_grad():
@@ -80,6 +81,11 @@ def _groups(
         best, best_dst = sim.max(dim=-1)  # (BW, Ns)
         order = best.argsort(dim=-1, descending=True)
         merged, kept = order[:, :r], order[:, r:]  # indices into the sources
+        if allowed is not None and torch.isinf(best.gather(1, merged)).any():
+            raise ValueError(
+                f"merge:r={r} is more than a {window[0]}x{window[1]} shifted window can merge without "
+                "joining tokens the shifted-window mask keeps apart; lower r"
+            )
         group = torch.empty(bw, n, dtype=torch.long, device=tokens.device)
         group[:, dst_pos] = torch.arange(nd, device=tokens.device)
         group.scatter_(1, src_pos[kept], torch.arange(nd, nd + ns - r, device=tokens.device).expand(bw, -1))
@@ -130,10 +136,10 @@ def merged_swin_block(
     n_win = xw.shape[1]
     xw = xw.reshape(b * n_win, n, c)
     y = parts.norm1(xw)
-    dst_pos, src_pos = cell_split((wh, ww))
+    dst_pos, src_pos = (t.to(x.device) for t in cell_split((wh, ww)))
     allowed = None
     mask = None
-    if parts.mask is not None:  # (nW, N, N) 0 / -inf
+    if parts.mask is not None:  # (nW, N, N): 0 within a region, a large negative number across
         mask = parts.mask.to(y.dtype).repeat(b, 1, 1)  # (BW, N, N): window of row i is i % nW
         allowed = mask[:, src_pos][:, :, dst_pos] == 0
     group, rep = _groups(y, (wh, ww), r, allowed)
@@ -153,8 +159,8 @@ def merged_swin_block(
     bias = bias + extra[:, None]
     out = _small_attention(q, k, v, bias, parts.attn.scale)
     out = parts.attn.proj(out.transpose(1, 2).reshape(b * n_win, m, -1))  # (BW, M, C)
-    xw = xw + _unmerge(out, group)
-    xw = xw + _unmerge(parts.mlp(_merge(parts.norm2(xw), group, counts)), group)
+    xw = xw + parts.drop1(_unmerge(out, group))
+    xw = xw + parts.drop2(_unmerge(parts.mlp(_merge(parts.norm2(xw), group, counts)), group))
 
     x = window_reverse(xw.view(b, n_win, n, c), (wh, ww), (h, w))
     return torch.roll(x, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else x
@@ -166,15 +172,17 @@ def install_window_merging(model: Any, r: int, *, prop_attn: bool = True) -> Non
     def run(encoder: Any, i: int, block: Any, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
         window = tuple(block.window_size)
-        rr = window_merge_r(r, window)
-        if rr == 0 or h % window[0] or w % window[1]:
+        merged = window_merge_r(r, window)
+        if merged == 0 or h % window[0] or w % window[1]:
             return block(x)
-        return merged_swin_block(encoder.block_parts(block, (h, w)), x, rr, prop_attn=prop_attn)
+        return merged_swin_block(encoder.block_parts(block, (h, w)), x, merged, prop_attn=prop_attn)
 
-    def tokens(i: int, window: tuple[int, int], grid: tuple[int, int]) -> int:
-        padded = grid[0] % window[0] or grid[1] % window[1]
+    def tokens(i: int, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         n = window[0] * window[1]
-        return n if padded else n - window_merge_r(r, window)
+        merged = window_merge_r(r, window)
+        if merged == 0 or grid[0] % window[0] or grid[1] % window[1]:
+            return n, 0
+        return n - merged, len(cell_split(window)[0])
 
     model.block_runner = run
     model.window_tokens = tokens

@@ -89,13 +89,13 @@ def pruned_swin_block(
         t = window_reverse(t, (wh, ww), (hp, wp))[:, :h, :w]
         return torch.roll(t, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else t
 
-    x = x + unwindow(full)
+    x = x + parts.drop1(unwindow(full))
     mask = unwindow(active)[..., 0]  # (B, H, W) tokens of computed windows
-    flat = x.reshape(b, h * w, c).clone()
+    flat = x.reshape(b, h * w, c)
     m = mask.reshape(b, h * w)
-    tokens = flat[m]  # (T, C)
-    flat[m] = tokens + parts.mlp(parts.norm2(tokens))
-    return flat.view(b, h, w, c)
+    delta = torch.zeros_like(flat)  # (B, H*W, C): the MLP branch, zero for skipped windows
+    delta[m] = parts.mlp(parts.norm2(flat[m]))
+    return (flat + parts.drop2(delta)).view(b, h, w, c)
 
 
 def install_window_pruning(model: Any, keep: float, scorer: str, min_windows: int = 4) -> None:
