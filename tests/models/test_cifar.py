@@ -83,3 +83,21 @@ def test_build_untrained() -> None:
         build_untrained("vit4mnist", num_classes=10)
     with pytest.raises(ValueError, match="32x32"):
         build_untrained("cifar-vit", num_classes=10, img_size=64)
+
+
+def test_committed_recovered_structured_model() -> None:
+    """The committed structured-pruned, distilled cifar-vit loads as a model directory, is smaller, and still
+    classifies real CIFAR-10 test images (every 20th image: all ten classes)."""
+    from vitedge.data import as_tensor_batches, open_dataset
+    from vitedge.measure import analyze
+
+    root = Path(__file__).resolve().parents[2] / "artifacts" / "cifar-vit-h50m50-recovered"
+    model = load(str(root)).eval()
+    base = load("cifar-vit")
+    assert analyze(model.arch()).flops < 0.6 * analyze(base.arch()).flops
+    ds = open_dataset("cifar10", model.preprocess)
+    subset = torch.utils.data.Subset(ds, range(0, len(ds), 20))
+    x, y = next(as_tensor_batches(subset, 500))
+    with torch.inference_mode():
+        top1 = (model(x).argmax(-1) == y).float().mean().item()
+    assert top1 > 0.75
