@@ -47,3 +47,29 @@ HEAVY_IDS = {
 def coverage(settings: list[str], heavy_setting: str) -> list[tuple[str, str]]:
     """(model id, setting) pairs: every setting on the small models, ``heavy_setting`` on the heavy ones."""
     return [(m, s) for m in SUPPORTED_IDS for s in settings if m not in HEAVY_IDS or s == heavy_setting]
+
+
+def assert_stochastic_depth_kept(name: str, option: str) -> None:
+    """A project model with drop-path 0.5 under ``-O option`` drops blocks per sample in training, and in eval
+    equals the same weights built without drop-path."""
+    import torch
+
+    from vitedge.api import optimize_
+    from vitedge.models.cifar import build_project_model
+    from vitedge.options import parse_options
+
+    torch.manual_seed(0)
+    dropping = build_project_model(name, drop_path=0.5)
+    plain = build_project_model(name, drop_path=0.0)
+    plain.load_state_dict(dropping.state_dict())
+    dropping, plain = (optimize_(m, *parse_options([option])) for m in (dropping, plain))
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    dropping.train()
+    torch.manual_seed(0)
+    a = dropping(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, dropping(x))  # other blocks dropped for other samples
+    dropping.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(dropping(x), plain(x), atol=1e-6)  # eval: drop-path is the identity

@@ -8,12 +8,11 @@ import copy
 import pytest
 import torch
 
-from support import load_cached
+from support import assert_stochastic_depth_kept, load_cached
 from vitedge.api import optimize_
 from vitedge.data import as_tensor_batches, open_dataset
 from vitedge.measure import analyze, count_flops
 from vitedge.models import load
-from vitedge.models.cifar import build_project_model
 from vitedge.options import parse_options
 from vitedge.tokens.window_merge import _groups, cell_split, merged_swin_block, window_merge_r
 
@@ -49,21 +48,8 @@ def test_merging_duplicates_is_exact(block_index: int, r: int) -> None:
 
 
 def test_swin_merge_keeps_stochastic_depth_in_training() -> None:
-    torch.manual_seed(0)
-    dropping = build_project_model("cifar-swin", drop_path=0.5)
-    plain = build_project_model("cifar-swin", drop_path=0.0)
-    plain.load_state_dict(dropping.state_dict())
-    dropping, plain = (optimize_(m, *parse_options(["merge:r=4"])) for m in (dropping, plain))
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    dropping.train()
-    torch.manual_seed(0)
-    a = dropping(x)
-    torch.manual_seed(1)
-    assert not torch.allclose(a, dropping(x))  # other blocks dropped for other samples
-    dropping.eval()
-    plain.eval()
-    with torch.no_grad():
-        assert torch.allclose(dropping(x), plain(x), atol=1e-6)  # eval: drop-path is the identity
+    """Token-aware training (``vitedge train -O merge:...``) keeps the blocks' drop-path; eval stays exact."""
+    assert_stochastic_depth_kept("cifar-swin", "merge:r=4")
 
 
 def test_too_large_r_on_a_shifted_window_is_refused() -> None:

@@ -44,12 +44,15 @@ __all__ = ["cell_split", "install_window_merging", "merged_swin_block", "window_
 
 
 @cache
-def cell_split(window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Destination ``(Nd,)`` and source ``(Ns,)`` positions of the 2x2-cell split."""
+def cell_split(
+    window: tuple[int, int], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Destination ``(Nd,)`` and source ``(Ns,)`` positions of the 2x2-cell split, row-major in the window,
+    on ``device`` (cached per window and device)."""
     wh, ww = window
     rows, cols = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
     is_dst = ((rows % 2 == 0) & (cols % 2 == 0)).flatten()
-    return is_dst.nonzero().squeeze(1), (~is_dst).nonzero().squeeze(1)
+    return is_dst.nonzero().squeeze(1).to(device), (~is_dst).nonzero().squeeze(1).to(device)
 
 
 def window_merge_r(r: int, window: tuple[int, int]) -> int:
@@ -70,7 +73,7 @@ def _groups(
         ``group``: ``(BW, N)`` merged token each position belongs to, in ``[0, N - r)``: destinations first,
         then the sources that stay; ``rep``: ``(BW, N - r)`` the window position of each merged token.
     """
-    dst_pos, src_pos = (t.to(tokens.device) for t in cell_split(window))
+    dst_pos, src_pos = cell_split(window, tokens.device)
     bw, n, _ = tokens.shape
     nd, ns = len(dst_pos), len(src_pos)
     with torch.no_grad():
@@ -136,7 +139,7 @@ def merged_swin_block(
     n_win = xw.shape[1]
     xw = xw.reshape(b * n_win, n, c)
     y = parts.norm1(xw)
-    dst_pos, src_pos = (t.to(x.device) for t in cell_split((wh, ww)))
+    dst_pos, src_pos = cell_split((wh, ww), x.device)
     allowed = None
     mask = None
     if parts.mask is not None:  # (nW, N, N): 0 within a region, a large negative number across
@@ -149,13 +152,11 @@ def merged_swin_block(
     q, k, v = split_heads(parts.attn, _merge(y, group, counts))  # (BW, H, M, d)
     rb = parts.rel_bias[0].to(q.dtype)  # (H, N, N)
     bias = rb[:, rep[:, :, None], rep[:, None, :]].transpose(0, 1)  # (BW, H, M, M)
-    extra = counts.log().transpose(1, 2)  # (BW, 1, M): proportional attention on the keys
-    if not prop_attn:
-        extra = torch.zeros_like(extra)
+    # (BW, 1, M): proportional attention on the keys
+    extra = counts.log().transpose(1, 2) if prop_attn else counts.new_zeros(b * n_win, 1, m)
     if mask is not None:
-        extra = extra + mask.gather(1, rep[..., None].expand(-1, -1, n)).gather(
-            2, rep[:, None, :].expand(-1, m, -1)
-        )
+        rows = mask.gather(1, rep[..., None].expand(-1, -1, n))  # (BW, M, N)
+        extra = extra + rows.gather(2, rep[:, None, :].expand(-1, m, -1))  # (BW, M, M)
     bias = bias + extra[:, None]
     out = _small_attention(q, k, v, bias, parts.attn.scale)
     out = parts.attn.proj(out.transpose(1, 2).reshape(b * n_win, m, -1))  # (BW, M, C)
