@@ -1,1 +1,1 @@
-"""Attention kernels: INT8 attention."""
+"""Attention kernels: INT8 attention, and the batched-product form chosen by shape."""

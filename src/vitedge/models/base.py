@@ -260,7 +260,7 @@ class SequenceEncoder(Encoder):
         # Set with block_runner: the tokens each block sees, so arch() (and the cost model) stay truthful.
         self.token_plan: Callable[[SequenceEncoder], list[BlockTokens]] | None = None
         # Set by techniques that replace the attention product (int8attn): vitedge's block loop calls it
-        # instead of fused SDPA, with or without a block_runner.
+        # instead of its default (vitedge.attention.batched.attention), with or without a block_runner.
         self.attention_kernel: AttentionKernel | None = None
 
     def final_token_count(self) -> int:

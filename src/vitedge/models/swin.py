@@ -243,7 +243,7 @@ def _swin_stage_layers(
                 kv_tokens=n,
                 heads=a.num_heads,
                 head_dim=a.head_dim,
-                # window merging runs its attention as two batched matmuls (scores materialised)
+                # window merging runs its attention as two batched matmuls on CPU (scores materialised)
                 fused=bool(getattr(b.attn, "fused_attn", False)) and not nd,
             ),
         )

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from vitedge.attention.batched import attention
 from vitedge.models.base import AttentionKernel, AttentionView, BlockView, SequenceEncoder
 
 
@@ -74,14 +74,16 @@ def attend(
 ) -> tuple[torch.Tensor, AttentionInfo]:
     """Multi-head attention of ``x`` (B, N, D) with the proportional-attention bias log(size) on the keys.
 
-    The bias goes to fused SDPA (or ``kernel``, called the same way) as an additive mask, so merged tokens
-    keep the fused kernel.
+    The bias is an additive mask for :func:`vitedge.attention.batched.attention` (two batched products on CPU
+    for short sequences, fused SDPA otherwise) or for ``kernel``, called as SDPA is.
     """
     b, n, _ = x.shape
     q, k, v = split_heads(view, x)
     bias = None if size is None else size.log().to(q.dtype).view(b, 1, 1, n)  # (B, 1, 1, N)
-    sdpa = kernel or F.scaled_dot_product_attention
-    out = sdpa(q, k, v, attn_mask=bias, scale=view.scale)  # (B, H, N, d)
+    if kernel is not None:
+        out = kernel(q, k, v, attn_mask=bias, scale=view.scale)  # (B, H, N, d)
+    else:  # two batched products for short (merged or pruned) sequences on CPU, else fused SDPA
+        out = attention(q, k, v, bias, view.scale)
     out = out.transpose(1, 2).reshape(b, n, -1)
     if view.out_norm is not None:
         out = view.out_norm(out)

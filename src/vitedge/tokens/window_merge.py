@@ -18,16 +18,18 @@ Per block and window (``N = wh * ww`` tokens):
    by a plain average (every token has size 1 when a block starts, since the previous block unmerged).
 3. Attention on the merged window. A merged token sits at its destination's position for the relative-
    position bias and the shifted-window mask, and carries the log of its size as a bias on its key
-   (proportional attention, as in ToMe), all added to the scores as one bias. The attention is two batched
-   matmuls rather than fused SDPA, which is 2.5-4x slower on CPU for windows this small with a mask per
-   window.
+   (proportional attention, as in ToMe), all added to the scores as one bias. On CPU the attention is two
+   batched matmuls rather than fused SDPA, which is slower for windows this small with a mask per window
+   (:mod:`vitedge.attention.batched`); on accelerators it is fused SDPA.
 4. Unmerge, residual, then the MLP on the same groups (merged again from the updated tokens, since
    LayerNorm and the MLP act per token), unmerged the same way.
 
 ``r`` counts tokens per window and block; an ``r`` above what a window can merge (its sources) is clamped
-there, so ``r=8`` is a half of a 4x4 window and a sixth of a 7x7 one. Blocks whose grid needs padding to whole
-windows run natively. Features always come back on the full grid, so ``restore`` changes nothing here.
-Measured on cifar-swin and timm Swin-T by ``benchmarks/bench_tokens.py --only swin``.
+there, so ``r=8`` is a half of a 4x4 window and a sixth of a 7x7 one. Only the normalised inputs of attention
+and MLP are merged here, never the residual stream, so ``keep_norm`` (MLERP) does not apply. Blocks whose
+grid needs padding to whole windows run natively. Features always come back on the full grid, so
+``restore`` changes nothing here. Measured on cifar-swin and timm Swin-T by
+``benchmarks/bench_tokens.py --only swin``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from functools import cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from vitedge.attention.batched import bmm_attention
 from vitedge.tokens.runner import split_heads
 from vitedge.tokens.windows import window_partition, window_reverse
 
@@ -110,21 +114,6 @@ def _unmerge(t: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return t.gather(1, group[..., None].expand(-1, -1, t.shape[-1]))
 
 
-def _small_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float
-) -> torch.Tensor:  # (BW, H, M, d) x3, (BW, H, M, M) -> (BW, H, M, d)
-    """Attention over many tiny windows as two batched matmuls: on CPU, fused SDPA spends 2.5-4x longer on
-    windows of 8-16 tokens with a per-window mask (measured at batch 64 on cifar-swin's shapes)."""
-    bw, h, m, d = q.shape
-    scores = torch.baddbmm(
-        bias.reshape(bw * h, m, m),
-        q.reshape(bw * h, m, d),
-        k.reshape(bw * h, m, d).transpose(1, 2),
-        alpha=scale,
-    )
-    return torch.bmm(scores.softmax(-1), v.reshape(bw * h, m, d)).view(bw, h, m, d)
-
-
 def merged_swin_block(
     parts: Any, x: torch.Tensor, r: int, *, prop_attn: bool = True
 ) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
@@ -158,7 +147,10 @@ def merged_swin_block(
         rows = mask.gather(1, rep[..., None].expand(-1, -1, n))  # (BW, M, N)
         extra = extra + rows.gather(2, rep[:, None, :].expand(-1, m, -1))  # (BW, M, M)
     bias = bias + extra[:, None]
-    out = _small_attention(q, k, v, bias, parts.attn.scale)
+    if q.is_cpu:  # the (BW, H, M, M) bias is built already, so two products cost no extra memory here
+        out = bmm_attention(q, k, v, bias, parts.attn.scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.attn.scale)
     out = parts.attn.proj(out.transpose(1, 2).reshape(b * n_win, m, -1))  # (BW, M, C)
     xw = xw + parts.drop1(_unmerge(out, group))
     xw = xw + parts.drop2(_unmerge(parts.mlp(_merge(parts.norm2(xw), group, counts)), group))
