@@ -31,7 +31,11 @@ RECIPES: list[tuple[str, list[str]]] = [
     (BASE, ["bf16"]),
     (BASE, ["merge:r=4"]),
     (BASE, ["merge:r=5"]),
+    (BASE, ["merge:r=5,keep_norm=0"]),
+    (BASE, ["prune:keep=0.9"]),
+    (BASE, ["prune:keep=0.8"]),
     (BASE, ["merge:r=4", "int8"]),
+    (BASE, ["merge:r=5", "int8"]),
     (BASE, ["merge:r=4", "bf16"]),
     (BASE, ["structured:heads=0.5,mlp=0.5"]),
 ]

@@ -157,7 +157,9 @@ def test_composes_with_bf16_adaptive_and_structured() -> None:
         ["int8attn", "bf16:mode=autocast"],
         ["int8attn", "adaptive:min_keep=0.5"],
         ["int8attn", "structured:heads=0.25,blocks=1"],  # block choice calibrates on the native blocks
-        ["structured:heads=0.25", "int8attn", "merge:r=2", "int8"],
+        # keep_norm=0: INT8 noise in the keys can flip a match, and an MLERP-merged token then moves further
+        # (it takes its members' largest norm); this test is about int8attn, not about matching stability.
+        ["structured:heads=0.25", "int8attn", "merge:r=2,keep_norm=0", "int8"],
     ]
     for opts in stacks:
         enc = optimize_(load("vit4mnist"), *parse_options(opts))

@@ -112,6 +112,20 @@ def test_merge_preserves_size_weighted_sums(n: int, r: int, prefix: int, seed: i
     assert torch.equal(out.x[:, :prefix], x[:, :prefix])
 
 
+def test_keep_norm_gives_merged_tokens_their_largest_member_norm() -> None:
+    # A0 = (1, 0) merges into B0 = (0, 2): the plain average (0.5, 1) has norm 1.12; MLERP keeps its direction
+    # at the larger member norm, 2. A1 stays.
+    x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])  # prefix, A0, B0, A1... (p=1)
+    metric = torch.tensor([[[0.0, 1.0], [1.0, 0.1], [0.9, 0.2], [-1.0, 0.0]]])
+    state = TokenState(x=x, size=None, source=None, num_prefix=1)
+    plain = merge_state(state, metric, 1)
+    kept = merge_state(TokenState(x=x, size=None, source=None, num_prefix=1), metric, 1, keep_norm=True)
+    assert plain.x.shape == kept.x.shape == (1, 3, 2)
+    assert torch.allclose(plain.x[0, 2], torch.tensor([0.5, 1.0]))  # (A0 + B0) / 2
+    assert torch.allclose(kept.x[0, 2], torch.tensor([0.5, 1.0]) * 2 / 1.25**0.5)
+    assert torch.equal(kept.x[:, :2], plain.x[:, :2]) and torch.equal(kept.size, plain.size)
+
+
 def test_matching_merges_most_similar() -> None:
     # A-tokens 0 and 2 are duplicates of B-tokens 1 and 3; r=2 must merge exactly those.
     base = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.7]])

@@ -2,10 +2,12 @@
 
 In each block, after attention, the mergeable tokens are split alternately into sets A and B; every A token
 finds its most similar B token by cosine similarity of the attention keys (averaged over heads), and the ``r``
-best-matched A tokens are folded into their B partners by a size-weighted average. Class, distillation and
-register tokens are never merged. Sizes feed proportional attention (a log-size bias on the keys, passed to
-fused SDPA as an additive mask), and an optional source map records which original patches each token holds,
-so the merged map can be drawn or the features restored to the full grid for projectors that expect N tokens.
+best-matched A tokens are folded into their B partners by a size-weighted average, rescaled to the largest
+norm among the merged tokens (MLERP; ``keep_norm=0`` keeps ToMe's plain average). Class, distillation and
+register tokens are never merged. Sizes feed proportional attention (a log-size bias on the keys, added to
+the scores; :mod:`vitedge.attention.batched` picks the kernel by length), and an optional source map records
+which original patches each token holds, so the merged map can be drawn or the features restored to the full
+grid for projectors that expect N tokens.
 
 Schedules: ``constant`` (``r`` per block), ``decreasing`` (2r at the first block down to 0 at the last, the
 same total), or ``seed`` (the seed's keep ratios 100/75/50/25 % of the patch tokens over the four quarters of
@@ -13,6 +15,10 @@ the depth; ``r`` is ignored). An ``r`` larger than a block can merge is clamped 
 
 On Swin, ``merge:r=N`` folds ``N`` tokens per window within each block and unmerges them after it
 (:mod:`vitedge.tokens.window_merge`), so the window structure survives.
+
+MLERP against ToMe's average on the 10,000 CIFAR-10 test images (cifar-vit, fp32 85.29 %): r=3 -0.35 pp
+against -0.46, r=4 -0.53 against -0.61, r=5 -0.77 against -1.02, r=6 -1.37 both; on vit4mnist (97.91 %)
+r=1 -0.68 against -0.81, r=2 -2.63 against -2.59, r=3 -5.26 against -4.89.
 """
 
 from __future__ import annotations
@@ -75,22 +81,30 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> MergeFn:
     return merge
 
 
-def merge_state(state: TokenState, metric: torch.Tensor, r: int) -> TokenState:
-    """Merge ``r`` patch tokens of ``state`` (size-weighted average); prefix tokens pass through untouched."""
+def merge_state(state: TokenState, metric: torch.Tensor, r: int, *, keep_norm: bool = False) -> TokenState:
+    """Merge ``r`` patch tokens of ``state`` (size-weighted average); prefix tokens pass through untouched.
+
+    With ``keep_norm`` a merged token keeps the direction of the size-weighted average but takes the largest
+    norm among its members (MLERP, from Token Fusion): averaging tokens that point in different directions
+    shrinks the norm, and the residual stream, which no LayerNorm rescales, carries that shrinkage on.
+    """
     p = state.num_prefix
     merge = bipartite_soft_matching(metric[:, p:], r)
     size = state.size if state.size is not None else ones_size(state)
-    x, s = state.x, size
-
-    def apply(t: torch.Tensor, mode: str) -> torch.Tensor:
-        return torch.cat([t[:, :p], merge(t[:, p:], mode)], dim=1)
-
-    patch_size = merge(s[:, p:], "sum")
-    patch_x = merge(x[:, p:] * s[:, p:], "sum") / patch_size
+    x, s = state.x[:, p:], size[:, p:]
+    d = x.shape[-1]
+    merged = merge(torch.cat([x * s, s], dim=-1), "sum")  # tokens and sizes in one gather/scatter
+    patch_size = merged[..., d:]
+    patch_x = merged[..., :d] / patch_size
+    if keep_norm:
+        peak = merge(x.norm(dim=-1, keepdim=True), "amax")  # (B, N - r, 1)
+        patch_x = patch_x * (peak / patch_x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
     return TokenState(
-        x=torch.cat([x[:, :p], patch_x], dim=1),
-        size=torch.cat([s[:, :p], patch_size], dim=1),
-        source=None if state.source is None else apply(state.source, "amax"),
+        x=torch.cat([state.x[:, :p], patch_x], dim=1),
+        size=torch.cat([size[:, :p], patch_size], dim=1),
+        source=None
+        if state.source is None
+        else torch.cat([state.source[:, :p], merge(state.source[:, p:], "amax")], dim=1),
         num_prefix=p,
         prop_attn=state.prop_attn,
     )
@@ -118,11 +132,14 @@ def schedule_r(config: MergeConfig, depth: int, num_patches: int) -> list[int]:
 @dataclass(frozen=True, kw_only=True)
 class MergeConfig:
     """``r`` tokens merged per block (0 = off), ``schedule`` (constant, decreasing, seed),
-    ``prop_attn`` for the log-size attention bias, ``restore`` to return features on the full token grid."""
+    ``prop_attn`` for the log-size attention bias, ``keep_norm`` for MLERP merging (the merged token keeps its
+    members' largest norm; ``keep_norm=0`` is ToMe's plain average), ``restore`` to return features on the
+    full token grid."""
 
     r: int = 0
     schedule: str = "constant"
     prop_attn: bool = True
+    keep_norm: bool = True
     restore: bool = False
 
     def __post_init__(self) -> None:
@@ -147,7 +164,7 @@ def merge_runner(config: MergeConfig, *, track_source: bool = False):
 
         def reduce(i: int, st: TokenState, info: AttentionInfo) -> TokenState:
             assert info.keys is not None
-            return merge_state(st, info.keys, plan[i])
+            return merge_state(st, info.keys, plan[i], keep_norm=config.keep_norm)
 
         needs = Needs(keys=True)
         for i, view in enumerate(views):
