@@ -53,13 +53,18 @@ def bmm_attention(
     return torch.bmm(probs.view(b * h, n, m), v.reshape(b * h, m, e)).view(b, h, n, e)
 
 
+def short_enough(n: int) -> bool:
+    """Whether a sequence of ``n`` tokens is short enough for two batched products to win on CPU."""
+    return n <= BMM_MAX_TOKENS
+
+
 def prefers_bmm(q: torch.Tensor) -> bool:
     """True where two batched products are expected to beat fused SDPA for queries ``q`` (B, H, N, d).
 
     While tracing or exporting (a symbolic batch), only the length decides, so the graph holds for any batch.
     """
     b, h, n, _ = q.shape
-    if q.device.type != "cpu" or n > BMM_MAX_TOKENS:
+    if q.device.type != "cpu" or not short_enough(n):
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return True

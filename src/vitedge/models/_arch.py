@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from vitedge.attention.batched import BMM_MAX_TOKENS
+from vitedge.attention.batched import short_enough
 from vitedge.models.base import Encoder, SequenceEncoder
 from vitedge.models.spec import ArchSpec, AttnOp, BlockTokens, LayerSpec, LinearOp
 
@@ -69,7 +69,7 @@ def global_block_layers(
             heads=a.num_heads,
             head_dim=a.head_dim,
             # the token runner (plan given) stores the scores of short sequences (batched products on CPU)
-            fused=fused if plan is None else n > BMM_MAX_TOKENS,
+            fused=fused if plan is None else not short_enough(n),
         )
         ops: tuple[LinearOp | AttnOp, ...] = (*attn_lin, attn, *step.extra)
         layers.append(
