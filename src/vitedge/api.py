@@ -33,6 +33,7 @@ _TECHNIQUE_MODULES = (
     "vitedge.tokens.prune",
     "vitedge.tokens.adaptive",
     "vitedge.attention.int8",
+    "vitedge.runtime.compile",
 )
 _loaded = False
 

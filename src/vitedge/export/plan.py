@@ -33,6 +33,10 @@ REFUSALS = {
         "int8attn runs torch._int_mm in a loop over batch x heads, which torch.onnx does not export; "
         "ONNX Runtime's INT8 path (-O int8) quantises the Linear layers and keeps QK^T and AV in fp32"
     ),
+    "compile": (
+        "compile is torch.compile for the running process; the ONNX graph is exported from the eager model "
+        "and ONNX Runtime applies its own graph optimisations, so drop -O compile for export"
+    ),
     "adaptive": (
         "adaptive splits each batch by per-image keep rates, data-dependent control flow that torch.export "
         "cannot capture; use -O prune:keep=... for a fixed keep rate"

@@ -149,6 +149,9 @@ class Encoder(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
         # Set by techniques that split a batch (complexity-adaptive keep rates): computes the logits itself.
         self.batch_router: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+        # Set by the compile technique: torch.compile'd ``type(self).logits``, called as f(self, x) instead.
+        # It takes the encoder as an argument rather than binding it, so a deep copy runs its own modules.
+        self.compiled_logits: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
 
     # --- subclasses implement -------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> (B, N, D)
@@ -176,12 +179,16 @@ class Encoder(nn.Module):
         """Logits (or pooled features) in float32, whatever precision the encoder computes in."""
         self.check_input(x)
         x = x.to(self.compute_dtype)
+        if self.compiled_logits is not None:
+            return self.compiled_logits(self, x).float()
+        return self.logits(x).float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in compute_dtype -> (B, classes)
+        """The model's output in its compute dtype, under autocast when a technique asked for it."""
         if self.autocast_dtype is not None:
             with torch.autocast("cpu", dtype=self.autocast_dtype):
-                out = self._logits(x)
-        else:
-            out = self._logits(x)
-        return out.float()
+                return self._logits(x)
+        return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_router is not None:

@@ -1,0 +1,1 @@
+"""How an optimised encoder is run, rather than what it computes: ``-O compile`` (:mod:`.compile`)."""

@@ -1,0 +1,71 @@
+"""``torch.compile`` of the whole encoder forward (``-O compile``).
+
+Once merging or pruning has shrunk the token count and bf16 or INT8 has sped up the linear layers, the
+linear layers stop being most of the time. Profiled on cifar-vit with ``merge:r=6`` and ``bf16`` (batch 64,
+2 threads), the bf16 ``addmm`` calls run near the CPU's bf16 roof but take only 41 % of the forward; copies
+(q/k/v reshapes, dtype casts around the fp32 softmax, merge gathers), the softmax itself, LayerNorm, GELU and
+residual adds take the rest. Inductor fuses those element-wise and reduction ops into generated C++ loops,
+which eager PyTorch cannot do; ``benchmarks/bench_cifar_recipes.py`` measures what that is worth.
+
+The compiled function is the encoder's logits path (token runners, batch routers and autocast included);
+input checks and the dtype casts at the edges stay eager, so bad input still gets vitedge's clear errors.
+Compilation is lazy: the first call of each new input shape compiles (about a minute on 2 CPU cores for
+cifar-vit), later calls reuse it. With ``dynamic=0`` (the default) torch compiles the first shape
+statically and recompiles once with a symbolic batch when a second batch size arrives; ``dynamic=1`` starts
+symbolic. Techniques applied after ``compile`` in a stack are traced too, since nothing is compiled before
+the first call.
+
+Outputs match the eager model within floating-point tolerance, not bit for bit: fused kernels round in a
+different order (in bf16 that moves logits by a few hundredths). Inductor on CPU needs a C++ compiler.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from vitedge.api import register
+from vitedge.models.base import Encoder
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    """Compile the encoder forward with ``torch.compile``: ``mode`` (one of :data:`MODES`), ``dynamic``
+    to trace a symbolic batch size from the first call."""
+
+    mode: str = "default"
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"compile:mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler Inductor would call on CPU ($CXX, else c++/g++/clang++ on PATH), or None."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@register("compile")
+def _apply_compile(model: Encoder, config: CompileConfig) -> None:
+    if model.compiled_logits is not None:
+        raise ValueError("compile is already in this stack; give -O compile once")
+    uses_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if uses_cpu and cxx_compiler() is None:
+        raise ValueError(
+            "compile on CPU needs a C++ compiler for torch's Inductor backend (install g++, or set CXX); "
+            "drop -O compile to run eagerly"
+        )
+    model.compiled_logits = torch.compile(
+        type(model).logits, mode=config.mode, dynamic=True if config.dynamic else None
+    )

@@ -1,0 +1,59 @@
+"""-O compile: the compiled forward matches eager (with a token runner inside), copies run their own weights,
+and bad settings, a missing C++ compiler, export and training get clear refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vitedge.api import optimize_
+from vitedge.export.plan import plan_export
+from vitedge.models import load
+from vitedge.options import parse_options
+from vitedge.runtime.compile import CompileConfig, cxx_compiler
+from vitedge.train.config import trainable_options
+
+
+def test_bad_mode_names_the_modes() -> None:
+    with pytest.raises(ValueError, match="compile:mode must be one of default"):
+        parse_options(["compile:mode=fastest"])
+
+
+def test_twice_in_a_stack_is_refused() -> None:
+    with pytest.raises(ValueError, match="give -O compile once"):
+        optimize_(load("vit4mnist"), CompileConfig(), CompileConfig())
+
+
+def test_missing_cxx_compiler_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    assert cxx_compiler() is None
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        optimize_(load("vit4mnist"), CompileConfig())
+
+
+def test_export_and_training_refuse_compile() -> None:
+    with pytest.raises(ValueError, match="drop -O compile for export"):
+        plan_export(parse_options(["merge:r=1", "compile"]))
+    with pytest.raises(ValueError, match="training accepts only"):
+        trainable_options(("compile",))
+
+
+@pytest.mark.skipif(cxx_compiler() is None, reason="Inductor needs a C++ compiler")
+def test_compiled_forward_matches_eager_and_copies_run_their_own_weights() -> None:
+    torch._dynamo.reset()
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    eager = optimize_(load("vit4mnist"), *parse_options(["merge:r=2"]))
+    compiled = optimize_(load("vit4mnist"), *parse_options(["merge:r=2", "compile"]))
+    assert compiled.compiled_logits is not None
+    with torch.no_grad():
+        want = eager(x)
+        got = compiled(x)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        twin = copy.deepcopy(compiled)  # shares the compiled function, not the modules
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(twin(x), got, atol=1e-3)
+        torch.testing.assert_close(twin(x), twin.logits(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(compiled(x), want, atol=1e-4, rtol=1e-4)  # the original is untouched
