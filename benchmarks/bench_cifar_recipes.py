@@ -6,7 +6,11 @@ A recipe is a model (``cifar-vit``, or a directory written by ``vitedge train ..
 structured-pruned model) plus ``-O`` options stacked on it in order. Writes one JSON line per recipe, a
 Markdown table, and with ``--plot`` a PNG of top-1 against speed-up.
 
-    python benchmarks/bench_cifar_recipes.py [--trained DIR ...] [--limit N] [--plot FILE.png]
+    python benchmarks/bench_cifar_recipes.py [--trained DIR ...] [--on-trained "OPT OPT" ...] [--limit N]
+                                             [--plot FILE.png]
+
+Each ``--trained`` directory is measured as trained and with each ``--on-trained`` stack (default: the
+``ON_TRAINED`` list); a directory trained with ``-O merge`` refuses a second merge, so give it its own stacks.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ RECIPES: list[tuple[str, list[str]]] = [
     (BASE, ["merge:r=5", "int8"]),
     (BASE, ["merge:r=4", "bf16"]),
     (BASE, ["structured:heads=0.5,mlp=0.5"]),
+    (BASE, ["compile"]),
+    (BASE, ["bf16", "compile"]),
+    (BASE, ["merge:r=5", "bf16", "compile"]),
 ]
 ON_TRAINED = [[], ["int8"], ["bf16"], ["merge:r=2", "bf16"], ["merge:r=4", "bf16"], ["merge:r=4", "int8"]]
 
@@ -56,6 +63,18 @@ def main() -> None:
     parser.add_argument(
         "--trained", action="append", default=[], help="a model directory from vitedge train -O"
     )
+    parser.add_argument(
+        "--on-trained",
+        action="append",
+        default=None,
+        help='-O options stacked on each --trained directory, space-separated ("" = as trained); repeat',
+    )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=None,
+        help="-O options stacked on cifar-vit, space-separated; repeat (default: the RECIPES list)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default all)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing window per pair")
     parser.add_argument("--plot", type=Path, default=None)
@@ -64,8 +83,14 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(2)
-    recipes = [] if args.only_trained else list(RECIPES)
-    recipes += [(d, opts) for d in args.trained for opts in ON_TRAINED]
+    if args.only_trained:
+        recipes = []
+    elif args.recipe is not None:
+        recipes = [(BASE, r.split()) for r in args.recipe]
+    else:
+        recipes = list(RECIPES)
+    stacks = ON_TRAINED if args.on_trained is None else [o.split() for o in args.on_trained]
+    recipes += [(d, opts) for d in args.trained for opts in stacks]
     baseline = load(BASE).eval()
     variants = {label(m, o): build(m, o) for m, o in recipes}
     ds = open_dataset("cifar10", baseline.preprocess, limit=args.limit)

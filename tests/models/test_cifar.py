@@ -101,3 +101,21 @@ def test_committed_recovered_structured_model() -> None:
     with torch.inference_mode():
         top1 = (model(x).argmax(-1) == y).float().mean().item()
     assert top1 > 0.75
+
+
+def test_committed_merge_tuned_model() -> None:
+    """The committed cifar-vit fine-tuned under merge:r=6 reloads with its merging, carries fewer tokens than
+    cifar-vit, and classifies real CIFAR-10 test images (every 20th image: all ten classes)."""
+    from vitedge.data import as_tensor_batches, open_dataset
+    from vitedge.measure import analyze
+
+    root = Path(__file__).resolve().parents[2] / "artifacts" / "cifar-vit-merge6-tuned"
+    model = load(str(root)).eval()
+    assert [c.r for c in model.applied] == [6]
+    assert analyze(model.arch()).flops < 0.75 * analyze(load("cifar-vit").arch()).flops
+    ds = open_dataset("cifar10", model.preprocess)
+    subset = torch.utils.data.Subset(ds, range(0, len(ds), 20))
+    x, y = next(as_tensor_batches(subset, 500))
+    with torch.inference_mode():
+        top1 = (model(x).argmax(-1) == y).float().mean().item()
+    assert top1 > 0.78
