@@ -85,37 +85,34 @@ def test_build_untrained() -> None:
         build_untrained("cifar-vit", num_classes=10, img_size=64)
 
 
+def _committed(name: str):
+    """A committed model directory under artifacts/, and its top-1 on every 20th CIFAR-10 test image (500
+    images, all ten classes)."""
+    from vitedge.data import as_tensor_batches, open_dataset
+
+    model = load(str(Path(__file__).resolve().parents[2] / "artifacts" / name)).eval()
+    ds = open_dataset("cifar10", model.preprocess)
+    x, y = next(as_tensor_batches(torch.utils.data.Subset(ds, range(0, len(ds), 20)), 500))
+    with torch.inference_mode():
+        return model, (model(x).argmax(-1) == y).float().mean().item()
+
+
 def test_committed_recovered_structured_model() -> None:
     """The committed structured-pruned, distilled cifar-vit loads as a model directory, is smaller, and still
-    classifies real CIFAR-10 test images (every 20th image: all ten classes)."""
-    from vitedge.data import as_tensor_batches, open_dataset
+    classifies real CIFAR-10 test images."""
     from vitedge.measure import analyze
 
-    root = Path(__file__).resolve().parents[2] / "artifacts" / "cifar-vit-h50m50-recovered"
-    model = load(str(root)).eval()
-    base = load("cifar-vit")
-    assert analyze(model.arch()).flops < 0.6 * analyze(base.arch()).flops
-    ds = open_dataset("cifar10", model.preprocess)
-    subset = torch.utils.data.Subset(ds, range(0, len(ds), 20))
-    x, y = next(as_tensor_batches(subset, 500))
-    with torch.inference_mode():
-        top1 = (model(x).argmax(-1) == y).float().mean().item()
+    model, top1 = _committed("cifar-vit-h50m50-recovered")
+    assert analyze(model.arch()).flops < 0.6 * analyze(load("cifar-vit").arch()).flops
     assert top1 > 0.75
 
 
 def test_committed_merge_tuned_model() -> None:
     """The committed cifar-vit fine-tuned under merge:r=6 reloads with its merging, carries fewer tokens than
-    cifar-vit, and classifies real CIFAR-10 test images (every 20th image: all ten classes)."""
-    from vitedge.data import as_tensor_batches, open_dataset
+    cifar-vit, and classifies real CIFAR-10 test images."""
     from vitedge.measure import analyze
 
-    root = Path(__file__).resolve().parents[2] / "artifacts" / "cifar-vit-merge6-tuned"
-    model = load(str(root)).eval()
+    model, top1 = _committed("cifar-vit-merge6-tuned")
     assert [c.r for c in model.applied] == [6]
     assert analyze(model.arch()).flops < 0.75 * analyze(load("cifar-vit").arch()).flops
-    ds = open_dataset("cifar10", model.preprocess)
-    subset = torch.utils.data.Subset(ds, range(0, len(ds), 20))
-    x, y = next(as_tensor_batches(subset, 500))
-    with torch.inference_mode():
-        top1 = (model(x).argmax(-1) == y).float().mean().item()
     assert top1 > 0.78
