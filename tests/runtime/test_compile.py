@@ -11,8 +11,9 @@ import torch
 from vitedge.api import optimize_
 from vitedge.export.plan import plan_export
 from vitedge.models import load
+from vitedge.models.base import Encoder
 from vitedge.options import parse_options
-from vitedge.runtime.compile import CompileConfig, cxx_compiler
+from vitedge.runtime.compile import CompileConfig, cxx_compiler, private_copy
 from vitedge.train.config import trainable_options
 
 
@@ -31,6 +32,17 @@ def test_missing_cxx_compiler_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     assert cxx_compiler() is None
     with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
         optimize_(load("vit4mnist"), CompileConfig())
+
+
+def test_private_copy_has_its_own_code_object() -> None:
+    """Each compiled encoder gets its own code object, so its recompiles do not use up the others' budget."""
+    twin = private_copy(Encoder.logits)
+    assert twin.__code__ is not Encoder.logits.__code__
+    assert twin.__code__ == Encoder.logits.__code__
+    model = load("vit4mnist")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(twin(model, x), model.logits(x))
 
 
 def test_export_and_training_refuse_compile() -> None:

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,6 +59,22 @@ def cxx_compiler() -> str | None:
     return None
 
 
+def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` over its own copy of its code object.
+
+    Dynamo keeps compiled graphs per code object and recompiles at most ``torch._dynamo.config
+    .recompile_limit`` (8) times for one before falling back to eager. Every encoder shares the code of
+    :meth:`Encoder.logits`, so a sweep of compiled variants (each a new structure, each recompiled once for a
+    second batch size) would run out of that budget; a private code object gives each its own.
+    """
+    assert isinstance(fn, types.FunctionType)
+    code = fn.__code__.replace()  # an equal but distinct code object
+    twin = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    twin.__kwdefaults__ = fn.__kwdefaults__
+    twin.__qualname__ = fn.__qualname__
+    return twin
+
+
 @register("compile")
 def _apply_compile(model: Encoder, config: CompileConfig) -> None:
     if model.compiled_logits is not None:
@@ -67,5 +86,5 @@ def _apply_compile(model: Encoder, config: CompileConfig) -> None:
             "drop -O compile to run eagerly"
         )
     model.compiled_logits = torch.compile(
-        type(model).logits, mode=config.mode, dynamic=True if config.dynamic else None
+        private_copy(type(model).logits), mode=config.mode, dynamic=True if config.dynamic else None
     )
