@@ -45,6 +45,21 @@ def test_private_copy_has_its_own_code_object() -> None:
         assert torch.equal(twin(model, x), model.logits(x))
 
 
+def test_saved_directory_reloads_compiled(tmp_path) -> None:
+    """optimize --out keeps compile in the stack; the reloaded model compiles lazily (nothing runs here)."""
+    from vitedge.api import config_to_dict, describe
+    from vitedge.models.saved import write_optimized
+
+    enc = optimize_(load("vit4mnist"), *parse_options(["merge:r=1", "compile"]))
+    configs = [config_to_dict(c) for c in enc.applied]
+    write_optimized(
+        tmp_path / "m", enc, manifest={"base": "vit4mnist", "configs": configs, "weights_after": 2}
+    )
+    again = load(str(tmp_path / "m"))
+    assert again.compiled_logits is not None
+    assert [describe(c) for c in again.applied] == ["merge:r=1", "compile"]
+
+
 def test_export_and_training_refuse_compile() -> None:
     with pytest.raises(ValueError, match="drop -O compile for export"):
         plan_export(parse_options(["merge:r=1", "compile"]))
