@@ -54,7 +54,8 @@ def build(model: str, opts: list[str]) -> torch.nn.Module:
 
 
 def label(model: str, opts: list[str]) -> str:
-    head = "" if model == BASE else f"[{Path(model).parent.name or model}] "
+    path = Path(model)  # a training run's runs/NAME/model, or a committed artifacts/NAME
+    head = "" if model == BASE else f"[{path.parent.name if path.name == 'model' else path.name}] "
     return head + (" ".join(opts) or "as trained")
 
 

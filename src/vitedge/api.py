@@ -131,6 +131,11 @@ def optimize_(model: Encoder, *configs: Config) -> Encoder:
         handler = _HANDLERS.get(type(config))
         if handler is None:
             raise TypeError(f"{type(config).__name__} is not a registered vitedge technique config")
+        if model.compiled_logits is not None:
+            raise ValueError(
+                f"-O {describe(config)} comes after -O compile; compile must be the last option of a stack "
+                "(it compiles the model the options before it built)"
+            )
         handler(model, config)
         model.applied.append(config)
     return model

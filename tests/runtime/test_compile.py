@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vitedge.api import optimize_
-from vitedge.export.plan import plan_export
+from vitedge.export.plan import plan_export, refuse_applied
 from vitedge.models import load
 from vitedge.models.base import Encoder
 from vitedge.options import parse_options
@@ -22,9 +22,29 @@ def test_bad_mode_names_the_modes() -> None:
         parse_options(["compile:mode=fastest"])
 
 
-def test_twice_in_a_stack_is_refused() -> None:
-    with pytest.raises(ValueError, match="give -O compile once"):
-        optimize_(load("vit4mnist"), CompileConfig(), CompileConfig())
+needs_cxx = pytest.mark.skipif(cxx_compiler() is None, reason="Inductor needs a C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("after", ["compile", "merge:r=1", "int8"])
+def test_compile_must_come_last(after: str) -> None:
+    with pytest.raises(ValueError, match=f"-O {after} comes after -O compile; compile must be the last"):
+        optimize_(load("vit4mnist"), *parse_options(["compile", after]))
+
+
+@pytest.mark.parametrize("before", ["adaptive", "int8attn"])
+def test_refuses_to_follow_data_dependent_options(before: str) -> None:
+    with pytest.raises(ValueError, match=f"-O compile cannot follow -O {before}"):
+        optimize_(load("vit4mnist"), *parse_options([before, "compile"]))
+
+
+def test_cache_namespace_leaves_compile_out() -> None:
+    from vitedge.cache.keys import Namespace
+
+    plain = optimize_(load("vit4mnist"), *parse_options(["merge:r=1"]))
+    stacked = optimize_(load("vit4mnist"), *parse_options(["merge:r=1"]))
+    stacked.applied.append(CompileConfig())  # as if compiled: the namespace must not see it
+    assert Namespace.of(stacked) == Namespace.of(plain)
 
 
 def test_missing_cxx_compiler_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +65,7 @@ def test_private_copy_has_its_own_code_object() -> None:
         assert torch.equal(twin(model, x), model.logits(x))
 
 
+@needs_cxx
 def test_saved_directory_reloads_compiled(tmp_path) -> None:
     """optimize --out keeps compile in the stack; the reloaded model compiles lazily (nothing runs here)."""
     from vitedge.api import config_to_dict, describe
@@ -63,13 +84,15 @@ def test_saved_directory_reloads_compiled(tmp_path) -> None:
 def test_export_and_training_refuse_compile() -> None:
     with pytest.raises(ValueError, match="drop -O compile for export"):
         plan_export(parse_options(["merge:r=1", "compile"]))
+    refuse_applied("a-saved-dir", parse_options(["merge:r=1", "compile"]))  # exported eagerly, no refusal
     with pytest.raises(ValueError, match="training accepts only"):
         trainable_options(("compile",))
 
 
-@pytest.mark.skipif(cxx_compiler() is None, reason="Inductor needs a C++ compiler")
+@needs_cxx
 def test_compiled_forward_matches_eager_and_copies_run_their_own_weights() -> None:
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     eager = optimize_(load("vit4mnist"), *parse_options(["merge:r=2"]))
     compiled = optimize_(load("vit4mnist"), *parse_options(["merge:r=2", "compile"]))
@@ -77,6 +100,7 @@ def test_compiled_forward_matches_eager_and_copies_run_their_own_weights() -> No
     with torch.no_grad():
         want = eager(x)
         got = compiled(x)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # compiled, not an eager fallback
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         twin = copy.deepcopy(compiled)  # shares the compiled function, not the modules
         for p in twin.parameters():

@@ -57,13 +57,14 @@ class Namespace:
     def of(cls, model: Any) -> Namespace:
         """The namespace of a loaded :class:`~vitedge.models.base.Encoder` (hashes its weights now)."""
         from vitedge import __version__
-        from vitedge.api import describe
+        from vitedge.api import config_name, describe
 
         return cls(
             model_id=model.info.model_id,
             weights_digest=model.weights_digest(),
             preprocess=model.preprocess.to_json(),
-            configs=tuple(describe(c) for c in model.applied),
+            # compile changes how the forward runs, not what it computes (the cache path runs eagerly)
+            configs=tuple(describe(c) for c in model.applied if config_name(c) != "compile"),
             version=__version__,
         )
 

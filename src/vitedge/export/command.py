@@ -134,6 +134,7 @@ def run_export(
     try:
         enc = load(model_id, weights=weights, img_size=img_size)
         refuse_applied(model_id, enc.applied)
+        enc.compiled_logits = None  # a saved directory's compile: export the eager model
         optimize_(enc, *plan.graph_configs).eval()
         x, check_data = check_inputs(enc, data, check_n)
         with tempfile.TemporaryDirectory(prefix="vitedge-export-") as tmp:

@@ -131,7 +131,7 @@ def refuse_applied(model_id: str, applied: list[Any]) -> None:
     """Refuse a loaded model (an ``optimize --out`` directory) that already carries non-exportable options."""
     for config in applied:
         name = config_name(config)
-        if name in GRAPH_OPTIONS:
+        if name in GRAPH_OPTIONS or name == "compile":  # compile: the export traces the eager model
             continue
         saved = f"{model_id} was saved with -O {describe(config)} applied in torch, which does not export"
         if name in QUANTIZERS:

@@ -7,13 +7,15 @@ linear layers stop being most of the time. Profiled on cifar-vit with ``merge:r=
 residual adds take the rest. Inductor fuses those element-wise and reduction ops into generated C++ loops,
 which eager PyTorch cannot do; ``benchmarks/bench_cifar_recipes.py`` measures what that is worth.
 
-The compiled function is the encoder's logits path (token runners, batch routers and autocast included);
+The compiled function is the encoder's logits path (token runners and autocast included);
 input checks and the dtype casts at the edges stay eager, so bad input still gets vitedge's clear errors.
 Compilation is lazy: the first call of each new input shape compiles (about a minute on 2 CPU cores for
 cifar-vit), later calls reuse it. With ``dynamic=0`` (the default) torch compiles the first shape
 statically and recompiles once with a symbolic batch when a second batch size arrives; ``dynamic=1`` starts
-symbolic. Techniques applied after ``compile`` in a stack are traced too, since nothing is compiled before
-the first call.
+symbolic. ``compile`` must be the last option of a stack (:func:`vitedge.optimize_` refuses anything
+after it), so no technique changes or runs the model under a compiled graph while it is being applied, and
+it refuses to follow ``adaptive`` and ``int8attn`` (:data:`NOT_COMPILABLE`). The feature cache and video
+reuse call the encoder's feature path directly and run eagerly; the cache namespace leaves ``compile`` out.
 
 Outputs match the eager model within floating-point tolerance, not bit for bit: fused kernels round in a
 different order (in bf16 that moves logits by a few hundredths). Inductor on CPU needs a C++ compiler.
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from vitedge.api import register
+from vitedge.api import config_name, describe, register
 from vitedge.models.base import Encoder
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -50,13 +52,22 @@ class CompileConfig:
 
 
 def cxx_compiler() -> str | None:
-    """The C++ compiler Inductor would call on CPU ($CXX, else c++/g++/clang++ on PATH), or None."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    """The C++ compiler Inductor calls on CPU ($CXX, else the one in its config: g++ on Linux), or None."""
+    from torch._inductor import config as inductor_config
+
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else [c for c in inductor_config.cpp.cxx if c]
     for name in names:
         found = shutil.which(name)
         if found:
             return found
     return None
+
+
+# Options that compile refuses to follow: data-dependent control flow that would recompile per batch.
+NOT_COMPILABLE = {
+    "adaptive": "adaptive splits each batch by per-image keep rates, which recompiles for every split",
+    "int8attn": "int8attn loops in Python over batch x heads, which compiling unrolls for every batch size",
+}
 
 
 def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,6 +90,10 @@ def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _apply_compile(model: Encoder, config: CompileConfig) -> None:
     if model.compiled_logits is not None:
         raise ValueError("compile is already in this stack; give -O compile once")
+    for applied in model.applied:
+        reason = NOT_COMPILABLE.get(config_name(applied))
+        if reason:
+            raise ValueError(f"-O compile cannot follow -O {describe(applied)}: {reason}; drop one of them")
     uses_cpu = all(p.device.type == "cpu" for p in model.parameters())
     if uses_cpu and cxx_compiler() is None:
         raise ValueError(
