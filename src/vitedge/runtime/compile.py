@@ -88,8 +88,7 @@ def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @register("compile")
 def _apply_compile(model: Encoder, config: CompileConfig) -> None:
-    if model.compiled_logits is not None:
-        raise ValueError("compile is already in this stack; give -O compile once")
+    # A second compile never gets here: optimize_ refuses every option after compile.
     for applied in model.applied:
         reason = NOT_COMPILABLE.get(config_name(applied))
         if reason:
