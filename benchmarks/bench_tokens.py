@@ -35,7 +35,15 @@ CASES: dict[str, tuple[str, int, list[str]]] = {
     "vitb": ("timm:vit_base_patch16_224", 16, ["merge:r=4,8,13,16", "prune:keep=0.7,0.5"]),
     "vitb1": ("timm:vit_base_patch16_224", 1, ["merge:r=2,4,8,13,16"]),
     "deit": ("timm:deit_tiny_patch16_224", 16, ["merge:r=8,13,16", "prune:keep=0.7,0.5"]),
-    "cifar": ("cifar-vit", 64, ["merge:r=2,3,4,5,6", "prune:keep=0.8,0.7,0.6,0.5"]),
+    "cifar": (
+        "cifar-vit",
+        64,
+        [
+            "merge:r=2,3,4,5,6",
+            "prune:keep=0.8,0.7,0.6,0.5",
+            "prune:keep=0.78,0.82,0.86,fuse=nearest,schedule=every,start=2,scorer=attn-value",
+        ],
+    ),
     "swin": ("cifar-swin", 64, ["merge:r=2,4,6,8", "prune:keep=0.75"]),
     "swint": ("timm:swin_tiny_patch4_window7_224", 16, ["merge:r=4,8,16,24", "prune:keep=0.75,0.5"]),
     "mnist": ("vit4mnist", 256, ["merge:r=1,2,3", "prune:keep=0.75,0.5"]),

@@ -109,7 +109,7 @@ def test_refused_where_tokens_cannot_be_pruned_one_by_one(model_id: str, message
 
 
 def test_learned_needs_fusion() -> None:
-    with pytest.raises(ValueError, match="fuse=true"):
+    with pytest.raises(ValueError, match="needs fuse=one"):
         parse_options(["prune:keep=0.5,scorer=learned,fuse=false"])
 
 

@@ -7,6 +7,9 @@ image border (useful when a VLM crops or tiles). Scorers:
 
 - ``attn``: attention the class token pays to each token (EViT); models without a class token use the mean
   attention each token receives;
+- ``attn-value``: that attention per head times the norm of the token's value vector, summed over heads
+  (ATS): a token matters by how much of the class token's output it writes, not only by how much it is looked
+  at;
 - ``norm``: L2 norm of the token; ``variance``: variance over channels;
 - ``entropy``: negative entropy of the token's own attention row (focused tokens carry more);
 - ``learned``: ``attn`` in log space plus a small MLP per pruning block that the training loop learns
@@ -14,8 +17,24 @@ image border (useful when a VLM crops or tiles). Scorers:
   --train-only token_scorers``). The MLPs live in ``encoder.token_scorers``, so they are saved with the
   weights of a trained model directory. Untrained, it ranks tokens as ``attn`` does.
 
+What happens to the pruned tokens (``fuse``):
+
+- ``one`` (default, EViT): fused into one extra token, averaged with their scores' softmax weights;
+- ``nearest``: each pruned token joins the kept token whose attention key (averaged over heads) is most
+  similar, by a size-weighted average that keeps the largest norm among the members (MLERP, as ``merge``
+  does); sizes feed proportional attention. The scorer still picks which tokens go; the fold only decides
+  where their content lands, so a pruned patch lives on in a token that looks like it rather than in one
+  token shared by every pruned patch of the image;
+- ``none``: dropped (``fuse=false``; ``fuse=true`` means ``one``).
+
 Schedules: ``stages`` prunes at 1/4, 1/2 and 3/4 of the depth (EViT's blocks 4, 7, 10 of 12), ``every`` at
-every block; ``keep`` is the fraction kept at each pruning block.
+every block; ``start`` skips the blocks before it (``schedule=every,start=2``: every block from the third
+on). ``keep`` is the fraction kept at each pruning block.
+
+Training-free, on cifar-vit (10,000 CIFAR-10 test images, 85.29 %), at about 1.4-1.5x: ``keep=0.7`` with the
+defaults (three cuts, one fused token, ``attn``) loses 4.73 pp; folding instead (``fuse=nearest``) 1.32 pp;
+gentle cuts in every block from the third (``schedule=every,start=2,keep=0.82``) 1.12 pp; ranking by
+``attn-value`` on top 0.91 pp. Where the pruned patches' content lands matters more than which patches go.
 """
 
 from __future__ import annotations
@@ -41,10 +60,11 @@ from vitedge.tokens.runner import (
 from vitedge.tokens.scorer import TokenScorers, scorer_hidden
 from vitedge.tokens.windows import install_window_pruning
 
-SCORERS = ("attn", "norm", "variance", "entropy")  # fixed scorers, no parameters
+SCORERS = ("attn", "attn-value", "norm", "variance", "entropy")  # fixed scorers, no parameters
 LEARNED = "learned"
 PRUNE_SCORERS = (*SCORERS, LEARNED)
 SCHEDULES = ("stages", "every")
+FUSES = ("one", "nearest", "none")
 
 
 def score_tokens(scorer: str, x: torch.Tensor, info: AttentionInfo, num_prefix: int) -> torch.Tensor:
@@ -56,6 +76,11 @@ def score_tokens(scorer: str, x: torch.Tensor, info: AttentionInfo, num_prefix: 
             return info.cls_attn[:, p:]
         assert info.attn_rows is not None
         return info.attn_rows.mean(1)[:, p:]
+    if scorer == "attn-value":
+        assert info.head_attn is not None and info.value_norm is not None
+        rows = info.head_attn[:, :, 0] if num_prefix > 0 else info.head_attn.mean(2)  # (B, H, N)
+        written = (rows * info.value_norm).sum(1)[:, p:]  # (B, Np)
+        return written / written.sum(1, keepdim=True).clamp_min(1e-12)
     if scorer == "norm":
         return x[:, p:].float().norm(dim=-1)
     if scorer == "variance":
@@ -78,10 +103,13 @@ def prune_state(
     scores: torch.Tensor,
     keep: float,
     *,
-    fuse: bool = True,
+    fuse: str = "one",
+    keys: torch.Tensor | None = None,
     protect: torch.Tensor | None = None,
 ) -> TokenState:
-    """Keep the ``keep`` fraction of patch tokens with the highest ``scores`` (B, Np); fuse the rest into one.
+    """Keep the ``keep`` fraction of patch tokens with the highest ``scores`` (B, Np); the rest are fused into
+    one token (``fuse="one"``), folded into their nearest kept token by ``keys`` (B, N, C) (``"nearest"``) or
+    dropped (``"none"``).
 
     ``protect`` (B, Np) marks tokens that must stay whatever their score. Gradients reach ``scores`` only
     through the fused token's softmax weights (how the learned scorer trains).
@@ -101,11 +129,13 @@ def prune_state(
     order = ranked.argsort(dim=1, descending=True)
     keep_idx = order[:, :n_keep].sort(dim=1).values  # keep spatial order
     drop_idx = order[:, n_keep:]
+    if fuse == "nearest":
+        assert keys is not None, "fuse=nearest needs the attention keys"
+        return fold_nearest(state, keys, keep_idx, drop_idx)
     size = state.size if state.size is not None else ones_size(state)
 
     def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        patches = t[:, p:]
-        return patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1]))
+        return rows_of(t, idx + p)
 
     parts_x = [x[:, :p], take(x, keep_idx)]
     parts_s = [size[:, :p], take(size, keep_idx)]
@@ -115,7 +145,7 @@ def prune_state(
         if state.index is None
         else torch.cat([state.index[:, :p], state.index[:, p:].gather(1, keep_idx)], 1)
     )
-    if fuse:
+    if fuse == "one":
         w = scores.float().gather(1, drop_idx).softmax(dim=1)[..., None].to(x.dtype)  # (B, Nd, 1)
         ds = take(size, drop_idx)
         fused = (take(x, drop_idx) * w * ds).sum(1, keepdim=True) / (w * ds).sum(1, keepdim=True)
@@ -135,23 +165,85 @@ def prune_state(
     )
 
 
-def prune_blocks(schedule: str, depth: int) -> list[int]:
+def rows_of(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, N, C) at ``idx`` (B, K) -> (B, K, C), as one row copy (``index_select`` on the flattened
+    batch; several times faster on CPU than ``gather`` with an index expanded over C)."""
+    b, n, c = t.shape
+    flat = (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
+    return t.reshape(b * n, c).index_select(0, flat).view(b, idx.shape[1], c)
+
+
+def fold_nearest(
+    state: TokenState, keys: torch.Tensor, keep_idx: torch.Tensor, drop_idx: torch.Tensor
+) -> TokenState:
+    """Fold each dropped patch (``drop_idx`` (B, Nd)) into the kept patch (``keep_idx`` (B, Nk)) whose key in
+    ``keys`` (B, N, C) is most similar: size-weighted average, rescaled to the largest norm of the members.
+
+    The average's direction is that of the size-weighted sum, so the sum is rescaled to the peak norm directly
+    (no division by the sizes); the kept rows, prefix included, are copied once into the output.
+    """
+    p = state.num_prefix
+    x = state.x
+    b, _, d = x.shape
+    prefix = torch.arange(p, device=x.device).expand(b, p)
+    out_idx = torch.cat([prefix, keep_idx + p], 1)  # (B, P + Nk) rows of x that stay
+    drop_rows = drop_idx + p
+    with torch.no_grad():
+        metric = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        sim = rows_of(metric, drop_rows) @ rows_of(metric, keep_idx + p).transpose(1, 2)  # (B, Nd, Nk)
+        into = sim.argmax(-1) + p  # (B, Nd) output row each dropped patch joins
+    m = out_idx.shape[1]
+    flat_into = (into + torch.arange(b, device=x.device)[:, None] * m).reshape(-1)
+    x = x.contiguous()
+    norms = x.norm(dim=-1, keepdim=True)  # (B, N, 1)
+    peak = rows_of(norms, out_idx)  # (B, P + Nk, 1) largest norm among each output token's members
+    peak.scatter_reduce_(1, into[..., None], rows_of(norms, drop_rows), reduce="amax")
+    total = rows_of(x, out_idx)  # (B, P + Nk, D)
+    dropped = rows_of(x, drop_rows)
+    if state.size is None:  # every size 1: plain sums
+        size = torch.ones_like(peak)
+        drop_size = torch.ones_like(flat_into, dtype=peak.dtype)
+    else:
+        size = rows_of(state.size, out_idx)
+        total = total * size
+        drop_size = rows_of(state.size, drop_rows)
+        dropped = dropped * drop_size
+        drop_size = drop_size.view(-1)
+    size = size.view(-1).index_add(0, flat_into, drop_size)
+    total.view(-1, d).index_add_(0, flat_into, dropped.view(-1, d))
+    total.mul_(peak / total.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    source = None
+    if state.source is not None:
+        src = state.source
+        source = rows_of(src, out_idx).scatter_reduce_(
+            1, into[..., None].expand(-1, -1, src.shape[-1]), rows_of(src, drop_rows), reduce="amax"
+        )
+    index = None if state.index is None else state.index.gather(1, out_idx)
+    return TokenState(
+        x=total, size=size.view(b, m, 1), source=source, num_prefix=p, prop_attn=state.prop_attn, index=index
+    )
+
+
+def prune_blocks(schedule: str, depth: int, start: int = 0) -> list[int]:
+    """Blocks that prune (after their attention) under ``schedule``, none before block ``start``."""
     if schedule == "every":
-        return list(range(depth))
-    return sorted({max(0, round(depth * q / 4)) for q in (1, 2, 3)} - {depth})
+        return list(range(start, depth))
+    return [b for b in sorted({max(0, round(depth * q / 4)) for q in (1, 2, 3)} - {depth}) if b >= start]
 
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig:
     """``keep``: fraction of patch tokens kept at each pruning block (1.0 = off); ``scorer`` (one of
-    :data:`PRUNE_SCORERS`); ``schedule``; ``fuse`` the pruned tokens into one; ``protect_border`` keeps border
-    patches."""
+    :data:`PRUNE_SCORERS`); ``schedule`` and ``start`` (first block that may prune); ``fuse``: what becomes of
+    the pruned tokens (:data:`FUSES`; ``true``/``false`` read as ``one``/``none``); ``protect_border`` keeps
+    border patches."""
 
     keep: float = 1.0
     scorer: str = "attn"
     schedule: str = "stages"
-    fuse: bool = True
+    fuse: bool | str = "one"
     protect_border: bool = False
+    start: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
@@ -160,28 +252,38 @@ class PruneConfig:
             raise ValueError(f"prune:scorer must be one of {', '.join(PRUNE_SCORERS)}, got {self.scorer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"prune:schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.scorer == LEARNED and not self.fuse:
+        if isinstance(self.fuse, bool):  # the older true/false spelling, kept for saved model directories
+            object.__setattr__(self, "fuse", "one" if self.fuse else "none")
+        if self.fuse not in FUSES:
             raise ValueError(
-                "prune:scorer=learned learns through the weights of the fused token; it needs fuse=true"
+                f"prune:fuse must be one of {', '.join(FUSES)} (or true/false), got {self.fuse!r}"
+            )
+        if self.start < 0:
+            raise ValueError(f"prune:start must be >= 0, got {self.start}")
+        if self.scorer == LEARNED and self.fuse != "one":
+            raise ValueError(
+                "prune:scorer=learned learns through the weights of the one fused token; it needs fuse=one"
             )
 
 
 def prune_runner(
     config: PruneConfig, *, track_source: bool = False
 ) -> Callable[[SequenceEncoder, torch.Tensor], torch.Tensor]:
-    attn_like = config.scorer in ("attn", LEARNED)  # the learned scorer adds to the attention score
-    needs = Needs(cls_attn=attn_like, attn_rows=config.scorer == "entropy")
+    attn_like = config.scorer in ("attn", "attn-value", LEARNED)  # learned adds to the attention score
+    nearest = config.fuse == "nearest"
+    values = config.scorer == "attn-value"
+    needs = Needs(cls_attn=attn_like, attn_rows=config.scorer == "entropy", keys=nearest, values=values)
 
     def run(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
         views = encoder.blocks
-        at = set(prune_blocks(config.schedule, len(views)))
+        at = set(prune_blocks(config.schedule, len(views), config.start))
         state = initial_state(encoder, x, track_source=track_source or encoder.track_sources)
         b, n, _ = x.shape
         state.index = torch.arange(n, device=x.device).expand(b, n)
         p = state.num_prefix
         block_needs = needs
         if attn_like and p == 0:
-            block_needs = Needs(attn_rows=True)
+            block_needs = Needs(attn_rows=True, keys=nearest, values=values)
         scorers = attached_scorers(encoder, len(at)) if config.scorer == LEARNED else None
         ordinal = {b: j for j, b in enumerate(sorted(at))}
 
@@ -195,7 +297,9 @@ def prune_runner(
             protect = None
             if config.protect_border and st.index is not None:
                 protect = border_mask(st.index[:, p:], encoder.layout.grid, p) & (st.index[:, p:] >= p)
-            return prune_state(st, scores, config.keep, fuse=config.fuse, protect=protect)
+            return prune_state(
+                st, scores, config.keep, fuse=str(config.fuse), keys=info.keys, protect=protect
+            )
 
         for i, view in enumerate(views):
             state = run_block(
@@ -229,11 +333,11 @@ def attach_scorers(encoder: SequenceEncoder, count: int) -> None:
 def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockTokens]:
     """Tokens per block under ``config``, with the score products (class-token or full attention rows)."""
     views = encoder.blocks
-    at = set(prune_blocks(config.schedule, len(views)))
+    at = set(prune_blocks(config.schedule, len(views), config.start))
     p = encoder.layout.num_prefix
     gh, gw = encoder.layout.grid
     border = 2 * (gh + gw) - 4 if config.protect_border else 0
-    rows_needed = config.scorer == "entropy" or (config.scorer in ("attn", LEARNED) and p == 0)
+    rows_needed = config.scorer == "entropy" or (config.scorer in ("attn", "attn-value", LEARNED) and p == 0)
     n = encoder.layout.num_tokens
     plan: list[BlockTokens] = []
     for i, view in enumerate(views):
@@ -242,7 +346,7 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
             continue
         a = view.attn
         extra: tuple[LinearOp, ...] = ()
-        if config.scorer in ("attn", "entropy", LEARNED):
+        if config.scorer in ("attn", "attn-value", "entropy", LEARNED):
             rows = n if rows_needed else 1
             extra = (
                 LinearOp(
@@ -257,7 +361,17 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
         if config.scorer == LEARNED:
             extra += scorer_ops(f"blocks.{i}.prune.scorer", n_patch, a.proj.out_features)
         n_keep = max(1, math.ceil(config.keep * n_patch), min(border, n_patch))
-        m = n if n_keep >= n_patch else p + n_keep + (1 if config.fuse else 0)
+        m = n if n_keep >= n_patch else p + n_keep + (1 if config.fuse == "one" else 0)
+        if config.fuse == "nearest" and n_keep < n_patch:  # similarity of the pruned keys to the kept ones
+            extra += (
+                LinearOp(
+                    name=f"blocks.{i}.prune.fold",
+                    tokens=n_patch - n_keep,
+                    in_features=a.head_dim,
+                    out_features=n_keep,
+                    weight=False,
+                ),
+            )
         plan.append(BlockTokens(attn_tokens=n, mlp_tokens=m, extra=extra))
         n = m
     return plan
@@ -277,6 +391,10 @@ def _apply_prune(model: Encoder, config: PruneConfig) -> None:
     if config.keep >= 1.0:
         return  # neutral: the native blocks run untouched
     if model.info.family == "swin":  # whole windows, so the window structure survives
+        if config.fuse == "nearest" or config.start:
+            raise ValueError(
+                "on Swin, prune drops whole windows at the stages' ends; fuse=nearest and start do not apply"
+            )
         if getattr(model, "block_runner", None) is not None:
             raise ValueError("prune cannot stack on another token-reduction technique on this Swin model")
         install_window_pruning(model, config.keep, config.scorer)
@@ -286,6 +404,6 @@ def _apply_prune(model: Encoder, config: PruneConfig) -> None:
     if model.block_runner is not None:
         raise ValueError("prune cannot stack on another token-reduction technique (merge, prune or adaptive)")
     if config.scorer == LEARNED:
-        attach_scorers(model, len(prune_blocks(config.schedule, len(model.blocks))))
+        attach_scorers(model, len(prune_blocks(config.schedule, len(model.blocks), config.start)))
     model.block_runner = prune_runner(config)
     model.token_plan = lambda enc: prune_plan(config, enc)

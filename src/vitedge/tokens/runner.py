@@ -32,11 +32,14 @@ class TokenState:
 
 @dataclass
 class AttentionInfo:
-    """What a reducer may look at: keys averaged over heads, and the class token's attention."""
+    """What a reducer may look at: keys averaged over heads, the class token's attention and, when asked,
+    the attention per head with the norms of the values it weighs."""
 
     keys: torch.Tensor | None  # (B, N, head_dim)
     cls_attn: torch.Tensor | None  # (B, N) class-token attention averaged over heads
     attn_rows: torch.Tensor | None  # (B, N, N) full attention averaged over heads, only when asked
+    head_attn: torch.Tensor | None = None  # (B, H, R, N) per head; R = 1 (class row) or N (attn_rows)
+    value_norm: torch.Tensor | None = None  # (B, H, N) L2 norm of each value vector
 
 
 Reducer = Callable[[int, TokenState, AttentionInfo], TokenState]
@@ -47,6 +50,7 @@ class Needs:
     keys: bool = False
     cls_attn: bool = False
     attn_rows: bool = False
+    values: bool = False  # head_attn and value_norm too (with cls_attn or attn_rows)
 
 
 def split_heads(view: AttentionView, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,9 +100,13 @@ def attend(
         scores = (rows @ k.transpose(-2, -1)) * view.scale  # (B, H, R, N)
         if bias is not None:
             scores = scores + bias
-        probs = scores.float().softmax(-1).mean(1)  # (B, R, N)
+        heads = scores.float().softmax(-1)  # (B, H, R, N)
+        probs = heads.mean(1)  # (B, R, N)
         info.cls_attn = probs[:, 0]
         info.attn_rows = probs if needs.attn_rows else None
+        if needs.values:
+            info.head_attn = heads
+            info.value_norm = v.float().norm(dim=-1)
     return out, info
 
 
