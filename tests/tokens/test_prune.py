@@ -94,6 +94,15 @@ def test_fold_nearest_math() -> None:
     assert torch.allclose(out.size.sum(1), size.sum(1))
 
 
+def test_fold_nearest_trains() -> None:
+    # the fold runs inside training (vitedge train -O prune:...,fuse=nearest): gradients must flow through it
+    model = load("vit4mnist").train()
+    optimize_(model, *parse_options(["prune:keep=0.6,fuse=nearest,schedule=every,scorer=attn-value"]))
+    model(model.example_input(4)).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_fuse_spellings() -> None:
     assert PruneConfig(keep=0.5, fuse=True).fuse == "one"  # saved directories spell it true/false
     assert PruneConfig(keep=0.5, fuse=False).fuse == "none"

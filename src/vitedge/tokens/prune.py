@@ -210,8 +210,12 @@ def fold_nearest(
         dropped = dropped * drop_size
         drop_size = drop_size.view(-1)
     size = size.view(-1).index_add(0, flat_into, drop_size)
-    total.view(-1, d).index_add_(0, flat_into, dropped.view(-1, d))
-    total.mul_(peak / total.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    if torch.is_grad_enabled() and x.requires_grad:  # training: out of place, autograd keeps its inputs
+        total = total.view(-1, d).index_add(0, flat_into, dropped.view(-1, d)).view(b, m, d)
+        total = total * (peak / total.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+    else:  # in place: an out-of-place broadcast multiply costs 30x more here on CPU
+        total.view(-1, d).index_add_(0, flat_into, dropped.view(-1, d))
+        total.mul_(peak / total.norm(dim=-1, keepdim=True).clamp_min(1e-6))
     source = None
     if state.source is not None:
         src = state.source
