@@ -36,6 +36,8 @@ _TECHNIQUE_MODULES = (
     "vitedge.runtime.compile",
 )
 _loaded = False
+# Options that change how the forward runs, not what it computes: the cache key and export ignore them.
+RUNTIME_ONLY = frozenset({"compile"})
 
 
 def register(name: str, config_type: type | None = None) -> Callable[[Handler], Handler]:

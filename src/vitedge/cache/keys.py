@@ -57,14 +57,13 @@ class Namespace:
     def of(cls, model: Any) -> Namespace:
         """The namespace of a loaded :class:`~vitedge.models.base.Encoder` (hashes its weights now)."""
         from vitedge import __version__
-        from vitedge.api import config_name, describe
+        from vitedge.api import RUNTIME_ONLY, config_name, describe
 
         return cls(
             model_id=model.info.model_id,
             weights_digest=model.weights_digest(),
             preprocess=model.preprocess.to_json(),
-            # compile changes how the forward runs, not what it computes (the cache path runs eagerly)
-            configs=tuple(describe(c) for c in model.applied if config_name(c) != "compile"),
+            configs=tuple(describe(c) for c in model.applied if config_name(c) not in RUNTIME_ONLY),
             version=__version__,
         )
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vitedge.api import config_name, describe
+from vitedge.api import RUNTIME_ONLY, config_name, describe
 
 GRAPH_OPTIONS = ("structured", "merge", "prune", "sparse")
 QUANTIZERS = ("int8", "int8wo", "int4")
@@ -131,7 +131,7 @@ def refuse_applied(model_id: str, applied: list[Any]) -> None:
     """Refuse a loaded model (an ``optimize --out`` directory) that already carries non-exportable options."""
     for config in applied:
         name = config_name(config)
-        if name in GRAPH_OPTIONS or name == "compile":  # compile: the export traces the eager model
+        if name in GRAPH_OPTIONS or name in RUNTIME_ONLY:  # the export traces the eager model
             continue
         saved = f"{model_id} was saved with -O {describe(config)} applied in torch, which does not export"
         if name in QUANTIZERS:

@@ -63,6 +63,7 @@ from vitedge.tokens.windows import install_window_pruning
 SCORERS = ("attn", "attn-value", "norm", "variance", "entropy")  # fixed scorers, no parameters
 LEARNED = "learned"
 PRUNE_SCORERS = (*SCORERS, LEARNED)
+ATTN_SCORERS = ("attn", "attn-value", LEARNED)  # rank by attention (learned adds to the attention score)
 SCHEDULES = ("stages", "every")
 FUSES = ("one", "nearest", "none")
 
@@ -165,12 +166,16 @@ def prune_state(
     )
 
 
+def flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Row indices ``idx`` (B, K), ``n`` rows per batch item -> (B * K,) rows of the flattened batch."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * n).reshape(-1)
+
+
 def rows_of(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``t`` (B, N, C) at ``idx`` (B, K) -> (B, K, C), as one row copy (``index_select`` on the flattened
     batch; several times faster on CPU than ``gather`` with an index expanded over C)."""
     b, n, c = t.shape
-    flat = (idx + torch.arange(b, device=idx.device)[:, None] * n).reshape(-1)
-    return t.reshape(b * n, c).index_select(0, flat).view(b, idx.shape[1], c)
+    return t.reshape(b * n, c).index_select(0, flat_rows(idx, n)).view(b, idx.shape[1], c)
 
 
 def fold_nearest(
@@ -193,7 +198,7 @@ def fold_nearest(
         sim = rows_of(metric, drop_rows) @ rows_of(metric, keep_idx + p).transpose(1, 2)  # (B, Nd, Nk)
         into = sim.argmax(-1) + p  # (B, Nd) output row each dropped patch joins
     m = out_idx.shape[1]
-    flat_into = (into + torch.arange(b, device=x.device)[:, None] * m).reshape(-1)
+    flat_into = flat_rows(into, m)
     x = x.contiguous()
     norms = x.norm(dim=-1, keepdim=True)  # (B, N, 1)
     peak = rows_of(norms, out_idx)  # (B, P + Nk, 1) largest norm among each output token's members
@@ -201,15 +206,11 @@ def fold_nearest(
     total = rows_of(x, out_idx)  # (B, P + Nk, D)
     dropped = rows_of(x, drop_rows)
     if state.size is None:  # every size 1: plain sums
-        size = torch.ones_like(peak)
-        drop_size = torch.ones_like(flat_into, dtype=peak.dtype)
+        size, drop_size = torch.ones_like(peak), torch.ones_like(into[..., None], dtype=peak.dtype)
     else:
-        size = rows_of(state.size, out_idx)
-        total = total * size
-        drop_size = rows_of(state.size, drop_rows)
-        dropped = dropped * drop_size
-        drop_size = drop_size.view(-1)
-    size = size.view(-1).index_add(0, flat_into, drop_size)
+        size, drop_size = rows_of(state.size, out_idx), rows_of(state.size, drop_rows)
+        total, dropped = total * size, dropped * drop_size
+    size = size.view(-1).index_add(0, flat_into, drop_size.view(-1))
     if torch.is_grad_enabled() and x.requires_grad:  # training: out of place, autograd keeps its inputs
         total = total.view(-1, d).index_add(0, flat_into, dropped.view(-1, d)).view(b, m, d)
         total = total * (peak / total.norm(dim=-1, keepdim=True).clamp_min(1e-6))
@@ -273,7 +274,7 @@ class PruneConfig:
 def prune_runner(
     config: PruneConfig, *, track_source: bool = False
 ) -> Callable[[SequenceEncoder, torch.Tensor], torch.Tensor]:
-    attn_like = config.scorer in ("attn", "attn-value", LEARNED)  # learned adds to the attention score
+    attn_like = config.scorer in ATTN_SCORERS
     nearest = config.fuse == "nearest"
     values = config.scorer == "attn-value"
     needs = Needs(cls_attn=attn_like, attn_rows=config.scorer == "entropy", keys=nearest, values=values)
@@ -341,7 +342,7 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
     p = encoder.layout.num_prefix
     gh, gw = encoder.layout.grid
     border = 2 * (gh + gw) - 4 if config.protect_border else 0
-    rows_needed = config.scorer == "entropy" or (config.scorer in ("attn", "attn-value", LEARNED) and p == 0)
+    rows_needed = config.scorer == "entropy" or (config.scorer in ATTN_SCORERS and p == 0)
     n = encoder.layout.num_tokens
     plan: list[BlockTokens] = []
     for i, view in enumerate(views):
@@ -350,7 +351,7 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
             continue
         a = view.attn
         extra: tuple[LinearOp, ...] = ()
-        if config.scorer in ("attn", "attn-value", "entropy", LEARNED):
+        if config.scorer in (*ATTN_SCORERS, "entropy"):
             rows = n if rows_needed else 1
             extra = (
                 LinearOp(
