@@ -6,7 +6,8 @@ A recipe is a model (``cifar-vit``, or a directory written by ``vitedge train ..
 structured-pruned model) plus ``-O`` options stacked on it in order. Writes one JSON line per recipe, a
 Markdown table, and with ``--plot`` a PNG of top-1 against speed-up.
 
-    python benchmarks/bench_cifar_recipes.py [--trained DIR ...] [--on-trained "OPT OPT" ...] [--limit N]
+    python benchmarks/bench_cifar_recipes.py [--recipe "OPT OPT" ...] [--trained DIR ...]
+                                             [--on-trained "OPT OPT" ...] [--limit N] [--rounds K]
                                              [--plot FILE.png]
 
 Each ``--trained`` directory is measured as trained and with each ``--on-trained`` stack (default: the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import warnings
 from pathlib import Path
 
@@ -78,6 +80,9 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="evaluate on N test images (default all)")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing window per pair")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the interleaved timing; report each median speed-up"
+    )
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--only-trained", action="store_true", help="skip the untrained-recipe list")
     parser.add_argument("--only", choices=("accuracy", "speed"), help="measure only this (the other shows -)")
@@ -104,8 +109,12 @@ def main() -> None:
     if args.only != "accuracy":
         x = next(iter(as_tensor_batches(ds, 64)))[0]
         cfg = BenchConfig(batch=64, threads=2, min_iters=5, max_iters=400, min_seconds=args.seconds)
-        base_ips, timed = bench_against_baseline(baseline, variants, x, cfg)
-        speed = {name: r.speedup or 0.0 for name, r in timed.items()}
+        runs: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(max(1, args.rounds)):  # the machine is shared: a median of rounds damps its noise
+            base_ips, timed = bench_against_baseline(baseline, variants, x, cfg)
+            for name, r in timed.items():
+                runs[name].append(r.speedup or 0.0)
+        speed = {name: statistics.median(v) for name, v in runs.items()}
     b1 = acc.get("baseline", float("nan"))
     rows = []
     for name in variants:
