@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitedge.attention.batched import BMM_MAX_TOKENS, attention, bmm_attention, prefers_bmm
+from vitedge.attention.batched import (
+    BMM_MAX_TOKENS,
+    SHORT_ROW,
+    attention,
+    bmm_attention,
+    prefers_bmm,
+    softmax_rows,
+)
 
 
 def _qkv(b: int, h: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,3 +86,20 @@ def test_attention_exports_with_a_symbolic_batch() -> None:
     q3, k3, v3 = (t.float().contiguous() for t in _qkv(3, 8, 64, 4, seed=8))
     bias3 = torch.randn(3, 1, 1, 64)
     assert torch.allclose(program.module()(q3, k3, v3, bias3), attention(q3, k3, v3, bias3, 0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("cols", [1, 3, 10, SHORT_ROW - 1, SHORT_ROW, 21])
+def test_softmax_rows_matches_softmax_with_and_without_gradients(cols: int) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    scores = torch.randn(4, 3, 5, cols, generator=gen) * 8
+    scores[0, 0, 0, : cols // 2] = float("-inf")  # masked keys (a row keeps at least one finite entry)
+    ref = scores.softmax(-1)
+    with torch.inference_mode():
+        assert torch.allclose(softmax_rows(scores.clone()), ref, atol=1e-6)
+    leaf = scores.clone().requires_grad_()
+    weights = torch.randn(ref.shape, generator=gen)
+    (softmax_rows(leaf) * weights).sum().backward()
+    leaf_ref = scores.clone().requires_grad_()
+    (leaf_ref.softmax(-1) * weights).sum().backward()
+    assert leaf.grad is not None and leaf_ref.grad is not None
+    assert torch.allclose(leaf.grad, leaf_ref.grad, atol=1e-6)

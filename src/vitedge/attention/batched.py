@@ -22,6 +22,10 @@ about 200. :func:`attention` therefore uses them on CPU for at most :data:`BMM_M
 scores tensor of at most :data:`BMM_MAX_SCORES` elements, so a huge batch does not allocate gigabytes), and
 fused SDPA otherwise and on accelerators, where the fused kernels are the fast path. timm's
 ``fused_attn=False`` is the same two-product form, applied to every shape.
+
+PyTorch's CPU softmax also takes a slow path for rows shorter than 16 (a (2048, 12, 12) softmax took
+2.7 ms against 0.35 ms at 16 columns), which merged windows hit: a 4x4 window merged by 6 has 10 keys.
+:func:`softmax_rows` writes such short rows out as max, exp and a division (0.5 ms there).
 """
 
 from __future__ import annotations
@@ -31,6 +35,18 @@ import torch.nn.functional as F
 
 BMM_MAX_TOKENS = 128  # longest sequence for which two batched products beat fused SDPA on CPU
 BMM_MAX_SCORES = 64 * 2**20  # at most 256 MB of fp32 scores (eager calls)
+SHORT_ROW = 16  # below this many columns, PyTorch's CPU softmax is several times slower than written out
+
+
+def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension; short CPU rows are written out, in place when no gradient is kept."""
+    if not scores.is_cpu or scores.shape[-1] >= SHORT_ROW:
+        return scores.softmax(-1)
+    if torch.is_grad_enabled() and scores.requires_grad:  # exp's backward needs its output untouched
+        e = (scores - scores.amax(-1, keepdim=True)).exp()
+        return e / e.sum(-1, keepdim=True)
+    e = scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return e.div_(e.sum(-1, keepdim=True))
 
 
 def bmm_attention(
@@ -49,7 +65,7 @@ def bmm_attention(
             scores = scores.add_(bias.to(scores.dtype))
     # Softmax in fp32 for bf16/fp16 inputs, as the fused kernels accumulate it.
     low = scores.dtype in (torch.bfloat16, torch.float16)
-    probs = scores.float().softmax(-1).to(q.dtype) if low else scores.softmax(-1)
+    probs = softmax_rows(scores.float()).to(q.dtype) if low else softmax_rows(scores)
     return torch.bmm(probs.view(b * h, n, m), v.reshape(b * h, m, e)).view(b, h, n, e)
 
 
