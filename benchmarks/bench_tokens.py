@@ -44,7 +44,7 @@ CASES: dict[str, tuple[str, int, list[str]]] = {
             "prune:keep=0.78,0.82,0.86,fuse=nearest,schedule=every,start=2,scorer=attn-value",
         ],
     ),
-    "swin": ("cifar-swin", 64, ["merge:r=2,4,6,8", "prune:keep=0.75"]),
+    "swin": ("cifar-swin", 64, ["merge:r=4,6,8,10", "merge:r=4,6,schedule=decreasing", "prune:keep=0.75"]),
     "swint": ("timm:swin_tiny_patch4_window7_224", 16, ["merge:r=4,8,16,24", "prune:keep=0.75,0.5"]),
     "mnist": ("vit4mnist", 256, ["merge:r=1,2,3", "prune:keep=0.75,0.5"]),
 }

@@ -14,7 +14,16 @@ from vitedge.data import as_tensor_batches, open_dataset
 from vitedge.measure import analyze, count_flops
 from vitedge.models import load
 from vitedge.options import parse_options
-from vitedge.tokens.window_merge import _groups, cell_split, merged_swin_block, window_merge_r
+from vitedge.tokens.runner import flat_rows
+from vitedge.tokens.window_merge import (
+    _groups,
+    _merge,
+    _merged_bias,
+    _unmerge,
+    cell_split,
+    merged_swin_block,
+    window_merge_r,
+)
 
 SWIN_T = "timm:swin_tiny_patch4_window7_224"
 
@@ -119,9 +128,61 @@ def test_cifar_swin_keeps_its_predictions() -> None:
 
 
 def test_swin_merge_refusals() -> None:
-    with pytest.raises(ValueError, match="constant schedule"):
-        optimize_(load(SWIN_T), *parse_options(["merge:r=4,schedule=decreasing"]))
+    with pytest.raises(ValueError, match="seed schedule"):
+        optimize_(load(SWIN_T), *parse_options(["merge:schedule=seed"]))
     with pytest.raises(ValueError, match="cannot stack"):
         optimize_(load(SWIN_T), *parse_options(["merge:r=4", "prune:keep=0.5"]))
     with pytest.raises(ValueError, match="cannot stack"):
         optimize_(load(SWIN_T), *parse_options(["prune:keep=0.5", "merge:r=4"]))
+
+
+def test_merge_and_unmerge_rows_match_an_averaging_matrix() -> None:
+    """The row copies equal multiplying by the (M, N) averaging matrix and its one-hot transpose, values and
+    gradients (the in-place scaling must not disturb autograd)."""
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randn(6, 16, 8, generator=gen)
+    group, _ = _groups(tokens, (4, 4), 5, None)  # (6, 16) in [0, 11)
+    rows = flat_rows(group, 11)
+    onehot = torch.nn.functional.one_hot(group, 11).float()  # (BW, N, M)
+    counts = onehot.sum(1)[..., None]  # (BW, M, 1)
+    t = tokens.clone().requires_grad_()
+    merged = _merge(t, rows, counts.reciprocal())
+    ref_t = tokens.clone().requires_grad_()
+    ref = (onehot.transpose(1, 2) @ ref_t) / counts
+    assert torch.allclose(merged, ref, atol=1e-6)
+    weights = torch.randn(6, 16, 8, generator=gen)
+    (_unmerge(merged, rows) * weights).sum().backward()
+    ((onehot @ ref) * weights).sum().backward()
+    assert t.grad is not None and ref_t.grad is not None
+    assert torch.allclose(t.grad, ref_t.grad, atol=1e-6)
+
+
+def test_merged_bias_is_the_bias_and_mask_at_the_merged_positions() -> None:
+    gen = torch.Generator().manual_seed(6)
+    heads, n, n_win, b = 3, 16, 4, 2
+    rel = torch.randn(heads, n, n, generator=gen)
+    mask = torch.where(torch.rand(n_win, n, n, generator=gen) < 0.3, -100.0, 0.0)
+    rep = torch.stack([torch.randperm(n, generator=gen)[:10] for _ in range(b * n_win)])  # (BW, M)
+    counts = torch.randint(1, 4, (b * n_win, 10, 1), generator=gen).float()
+    for m_ in (None, mask):
+        for prop in (True, False):
+            out = _merged_bias(rel, m_, rep, counts, prop)  # (BW, H, M, M)
+            for i in range(b * n_win):
+                ref = rel[:, rep[i][:, None], rep[i][None, :]]  # (H, M, M)
+                if m_ is not None:
+                    ref = ref + m_[i % n_win][rep[i][:, None], rep[i][None, :]]
+                if prop:
+                    ref = ref + counts[i, :, 0].log()
+                assert torch.allclose(out[i], ref, atol=1e-6)
+
+
+def test_decreasing_schedule_on_swin_merges_more_early() -> None:
+    """``schedule=decreasing`` runs from 2r at the first block to 0 at the last, over all stages; the cost
+    model follows it."""
+    model = optimize_(load("cifar-swin"), *parse_options(["merge:r=4,schedule=decreasing"]))
+    assert model.window_tokens is not None
+    kept = [model.window_tokens(i, (4, 4), (16, 16))[0] for i in range(10)]
+    assert kept[0] == 16 - 8 and kept[-1] == 16 and kept == sorted(kept)
+    x = model.example_input(1)
+    analytic = analyze(model.arch()).flops
+    assert abs(count_flops(model, x).total / analytic - 1) < 0.01

@@ -68,6 +68,11 @@ class TimmSwin(Encoder):
         # destination tokens each source is compared with, 0 when the block does not merge); for arch().
         self.window_tokens: WindowTokens | None = None
 
+    @property
+    def stage_depths(self) -> tuple[int, ...]:
+        """Blocks per stage; block indices run over the stages in order."""
+        return tuple(len(stage.blocks) for stage in self.model.layers)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         if tuple(x.shape[-2:]) != self.img_size:

@@ -14,7 +14,8 @@ same total), or ``seed`` (the seed's keep ratios 100/75/50/25 % of the patch tok
 the depth; ``r`` is ignored). An ``r`` larger than a block can merge is clamped there, as in ToMe.
 
 On Swin, ``merge:r=N`` folds ``N`` tokens per window within each block and unmerges them after it
-(:mod:`vitedge.tokens.window_merge`), so the window structure survives.
+(:mod:`vitedge.tokens.window_merge`), so the window structure survives; ``constant`` and ``decreasing``
+apply there over the blocks of all stages.
 
 MLERP against ToMe's average on the 10,000 CIFAR-10 test images (cifar-vit, fp32 85.29 %): r=3 -0.35 pp
 against -0.46, r=4 -0.53 against -0.61, r=5 -0.77 against -1.02, r=6 -1.37 both; on vit4mnist (97.91 %)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -228,13 +230,16 @@ def _apply_merge(model: Encoder, config: MergeConfig) -> None:
 
 
 def _apply_window_merge(model: Encoder, config: MergeConfig) -> None:
-    if config.schedule != "constant":
+    if config.schedule == "seed":
         raise ValueError(
-            "on Swin, merge folds r tokens per window in every block and unmerges them after it, so only "
-            f"the constant schedule applies, got schedule={config.schedule}"
+            "on Swin, merge folds r tokens per window in every block and unmerges them after it, so the seed "
+            "schedule (a share of the patches kept per quarter of the depth) does not apply; use constant or "
+            "decreasing"
         )
     if config.r == 0:
         return  # neutral: the native blocks run untouched
     if getattr(model, "block_runner", None) is not None:
         raise ValueError("merge cannot stack on another token-reduction technique on this Swin model")
-    install_window_merging(model, config.r, prop_attn=config.prop_attn)
+    depths = cast("tuple[int, ...]", model.stage_depths)  # Swin encoders only
+    plan = schedule_r(config, sum(depths), 0)  # r per block, clamped per window when it runs
+    install_window_merging(model, plan, prop_attn=config.prop_attn)

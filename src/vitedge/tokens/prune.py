@@ -53,8 +53,10 @@ from vitedge.tokens.runner import (
     Needs,
     TokenState,
     check_supported,
+    flat_rows,
     initial_state,
     ones_size,
+    rows_of,
     run_block,
 )
 from vitedge.tokens.scorer import TokenScorers, scorer_hidden
@@ -164,18 +166,6 @@ def prune_state(
         prop_attn=state.prop_attn,
         index=index,
     )
-
-
-def flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """Row indices ``idx`` (B, K), ``n`` rows per batch item -> (B * K,) rows of the flattened batch."""
-    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * n).reshape(-1)
-
-
-def rows_of(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` (B, N, C) at ``idx`` (B, K) -> (B, K, C), as one row copy (``index_select`` on the flattened
-    batch; several times faster on CPU than ``gather`` with an index expanded over C)."""
-    b, n, c = t.shape
-    return t.reshape(b * n, c).index_select(0, flat_rows(idx, n)).view(b, idx.shape[1], c)
 
 
 def fold_nearest(

@@ -53,6 +53,18 @@ class Needs:
     values: bool = False  # head_attn and value_norm too (with cls_attn or attn_rows)
 
 
+def flat_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Row indices ``idx`` (B, K), ``n`` rows per batch item -> (B * K,) rows of the flattened batch."""
+    return (idx + torch.arange(idx.shape[0], device=idx.device)[:, None] * n).reshape(-1)
+
+
+def rows_of(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, N, C) at ``idx`` (B, K) -> (B, K, C), as one row copy (``index_select`` on the flattened
+    batch; several times faster on CPU than ``gather`` with an index expanded over C)."""
+    b, n, c = t.shape
+    return t.reshape(b * n, c).index_select(0, flat_rows(idx, n)).view(b, idx.shape[1], c)
+
+
 def split_heads(view: AttentionView, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v as (B, H, N, head_dim) from fused or separate projections."""
     b, n, _ = x.shape

@@ -25,15 +25,29 @@ Per block and window (``N = wh * ww`` tokens):
    LayerNorm and the MLP act per token), unmerged the same way.
 
 ``r`` counts tokens per window and block; an ``r`` above what a window can merge (its sources) is clamped
-there, so ``r=8`` is a half of a 4x4 window and a sixth of a 7x7 one. Only the normalised inputs of attention
-and MLP are merged here, never the residual stream, so ``keep_norm`` (MLERP) does not apply. Blocks whose
-grid needs padding to whole windows run natively. Features always come back on the full grid, so
-``restore`` changes nothing here. Measured on cifar-swin and timm Swin-T by
-``benchmarks/bench_tokens.py --only swin``.
+there, so ``r=8`` is a half of a 4x4 window and a sixth of a 7x7 one. ``schedule=decreasing`` runs from
+``2r`` at the first block to 0 at the last, over the blocks of all stages. Only the normalised inputs of
+attention and MLP are merged here, never the residual stream, so ``keep_norm`` (MLERP) does not apply.
+Blocks whose grid needs padding to whole windows run natively. Features always come back on the full grid,
+so ``restore`` changes nothing here.
+
+Cost. Every copy is a row copy of the flattened windows: merging is one ``index_add_`` and unmerging one
+``index_select`` (``gather``/``scatter_add_`` with an index expanded over the channels cost twice as much
+on CPU), and bias plus mask at the merged positions come from one ``(windows * N * N, H)`` table. Short
+rows of scores (fewer than 16 keys) use :func:`vitedge.attention.batched.softmax_rows`. Even so the
+bookkeeping costs about a fifth of a cifar-swin block, so small ``r`` is slower than the native block.
+
+Measured on cifar-swin (batch 64, 2 threads, 10,000 CIFAR-10 test images, 84.33 %) by
+``benchmarks/bench_tokens.py --only swin`` and the README: the early, high-resolution stage is where
+merging is cheap in accuracy (``r=8`` in the first stage alone loses 0.4 pp on 2,000 images, in the
+second stage alone 4.3 pp), but it holds only 2 of the 10 blocks, so no setting reaches 1.3x at 1.5 pp,
+and fine-tuning with merging active (12 GPU epochs, distilled from the unmerged model) recovers ``r=8``
+only from -9.1 to -4.4 pp.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -41,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from vitedge.attention.batched import bmm_attention
-from vitedge.tokens.runner import split_heads
+from vitedge.tokens.runner import flat_rows, split_heads
 from vitedge.tokens.windows import window_partition, window_reverse
 
 __all__ = ["cell_split", "install_window_merging", "merged_swin_block", "window_merge_r"]
@@ -71,7 +85,8 @@ def _groups(
 
     Args:
         tokens: ``(BW, N, C)`` normalised tokens of every window.
-        allowed: ``(BW, Ns, Nd)`` bool, pairs the shifted-window mask lets attend to each other (or None).
+        allowed: ``(nW, Ns, Nd)`` bool, pairs the shifted-window mask lets attend to each other (or None);
+            window ``i`` of the batch is window ``i % nW`` of the partition.
 
     Returns:
         ``group``: ``(BW, N)`` merged token each position belongs to, in ``[0, N - r)``: destinations first,
@@ -82,9 +97,10 @@ def _groups(
     nd, ns = len(dst_pos), len(src_pos)
     with torch.no_grad():
         metric = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        sim = metric[:, src_pos] @ metric[:, dst_pos].transpose(1, 2)  # (BW, Ns, Nd)
+        # (BW, Ns, Nd)
+        sim = metric.index_select(1, src_pos) @ metric.index_select(1, dst_pos).transpose(1, 2)
         if allowed is not None:
-            sim = sim.masked_fill(~allowed, -torch.inf)
+            sim = sim.view(-1, *allowed.shape).masked_fill(~allowed, -torch.inf).view(bw, ns, nd)
         best, best_dst = sim.max(dim=-1)  # (BW, Ns)
         order = best.argsort(dim=-1, descending=True)
         merged, kept = order[:, :r], order[:, r:]  # indices into the sources
@@ -101,17 +117,48 @@ def _groups(
     return group, rep
 
 
-def _merge(t: torch.Tensor, group: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Average ``t`` (BW, N, C) over ``group`` (BW, N) -> (BW, N', C); ``counts`` is (BW, N', 1)."""
-    bw, _, c = t.shape
-    out = t.new_zeros(bw, counts.shape[1], c)
-    out.scatter_add_(1, group[..., None].expand(-1, -1, c), t)
-    return out / counts
+def _merge(t: torch.Tensor, rows: torch.Tensor, inv_counts: torch.Tensor) -> torch.Tensor:
+    """Average ``t`` (BW, N, C) into ``inv_counts.shape[1]`` groups -> (BW, M, C).
+
+    ``rows``: ``(BW * N,)`` group of each position as a row of the flattened ``(BW * M, C)`` output;
+    ``inv_counts``: ``(BW, M, 1)``. One ``index_add_`` of whole rows (several times faster on CPU than
+    ``scatter_add_`` with an index expanded over C).
+    """
+    bw, n, c = t.shape
+    m = inv_counts.shape[1]
+    out = t.new_zeros(bw * m, c).index_add_(0, rows, t.reshape(bw * n, c)).view(bw, m, c)
+    return out.mul_(inv_counts)  # in place is safe under autograd: index_add_'s backward needs no output
 
 
-def _unmerge(t: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """``(BW, N', C)`` -> ``(BW, N, C)``: every position takes its group's value."""
-    return t.gather(1, group[..., None].expand(-1, -1, t.shape[-1]))
+def _unmerge(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``(BW, M, C)`` -> ``(BW, N, C)``: every position takes its group's row (``rows`` as in
+    :func:`_merge`)."""
+    bw, m, c = t.shape
+    return t.reshape(bw * m, c).index_select(0, rows).view(bw, -1, c)
+
+
+def _merged_bias(
+    rel_bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    rep: torch.Tensor,
+    counts: torch.Tensor,
+    prop_attn: bool,
+) -> torch.Tensor:  # -> (BW, H, M, M)
+    """Relative-position bias (``(H, N, N)``) plus shifted-window mask (``(nW, N, N)`` or None) at the window
+    positions ``rep`` (BW, M) of the merged tokens, plus ``log(counts)`` (BW, M, 1) on the keys, gathered
+    as one row copy from a ``(windows * N * N, H)`` table."""
+    h, n, _ = rel_bias.shape
+    # (T, H, N, N): T = 1 without a mask, else one table per window of the partition
+    table = rel_bias[None] if mask is None else rel_bias[None] + mask.to(rel_bias.dtype)[:, None]
+    t = table.shape[0]
+    bw, m = rep.shape
+    win = torch.arange(bw, device=rep.device) % t  # window i of the batch is window i % nW of the partition
+    idx = (win[:, None, None] * n + rep[:, :, None]) * n + rep[:, None, :]  # (BW, M, M)
+    flat = table.permute(0, 2, 3, 1).reshape(t * n * n, h)
+    bias = flat.index_select(0, idx.reshape(-1)).view(bw, m, m, h)
+    if prop_attn:  # proportional attention: log(size) on every key
+        bias = bias.add_(counts.log().to(bias.dtype).view(bw, 1, m, 1))
+    return bias.permute(0, 3, 1, 2)
 
 
 def merged_swin_block(
@@ -128,51 +175,45 @@ def merged_swin_block(
     n_win = xw.shape[1]
     xw = xw.reshape(b * n_win, n, c)
     y = parts.norm1(xw)
-    dst_pos, src_pos = cell_split((wh, ww), x.device)
     allowed = None
-    mask = None
     if parts.mask is not None:  # (nW, N, N): 0 within a region, a large negative number across
-        mask = parts.mask.to(y.dtype).repeat(b, 1, 1)  # (BW, N, N): window of row i is i % nW
-        allowed = mask[:, src_pos][:, :, dst_pos] == 0
+        dst_pos, src_pos = cell_split((wh, ww), x.device)
+        allowed = parts.mask.index_select(1, src_pos).index_select(2, dst_pos) == 0  # (nW, Ns, Nd)
     group, rep = _groups(y, (wh, ww), r, allowed)
     m = n - r
-    counts = y.new_zeros(b * n_win, m, 1).scatter_add_(1, group[..., None], y.new_ones(b * n_win, n, 1))
+    rows = flat_rows(group, m)  # (BW * N,)
+    counts = torch.bincount(rows, minlength=b * n_win * m).view(b * n_win, m, 1).to(y.dtype)
+    inv_counts = counts.reciprocal()
 
-    q, k, v = split_heads(parts.attn, _merge(y, group, counts))  # (BW, H, M, d)
-    rb = parts.rel_bias[0].to(q.dtype)  # (H, N, N)
-    bias = rb[:, rep[:, :, None], rep[:, None, :]].transpose(0, 1)  # (BW, H, M, M)
-    # (BW, 1, M): proportional attention on the keys
-    extra = counts.log().transpose(1, 2) if prop_attn else counts.new_zeros(b * n_win, 1, m)
-    if mask is not None:
-        rows = mask.gather(1, rep[..., None].expand(-1, -1, n))  # (BW, M, N)
-        extra = extra + rows.gather(2, rep[:, None, :].expand(-1, m, -1))  # (BW, M, M)
-    bias = bias + extra[:, None]
+    q, k, v = split_heads(parts.attn, _merge(y, rows, inv_counts))  # (BW, H, M, d)
+    bias = _merged_bias(parts.rel_bias[0], parts.mask, rep, counts, prop_attn)  # (BW, H, M, M)
     if q.is_cpu:  # the (BW, H, M, M) bias is built already, so two products cost no extra memory here
         out = bmm_attention(q, k, v, bias, parts.attn.scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.attn.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=parts.attn.scale)
     out = parts.attn.proj(out.transpose(1, 2).reshape(b * n_win, m, -1))  # (BW, M, C)
-    xw = xw + parts.drop1(_unmerge(out, group))
-    xw = xw + parts.drop2(_unmerge(parts.mlp(_merge(parts.norm2(xw), group, counts)), group))
+    xw = xw + parts.drop1(_unmerge(out, rows))
+    xw = xw + parts.drop2(_unmerge(parts.mlp(_merge(parts.norm2(xw), rows, inv_counts)), rows))
 
     x = window_reverse(xw.view(b, n_win, n, c), (wh, ww), (h, w))
     return torch.roll(x, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else x
 
 
-def install_window_merging(model: Any, r: int, *, prop_attn: bool = True) -> None:
-    """Make a Swin encoder (block_parts, block_runner, window_tokens) merge ``r`` tokens per window."""
+def install_window_merging(model: Any, plan: Sequence[int], *, prop_attn: bool = True) -> None:
+    """Make a Swin encoder (block_parts, block_runner, window_tokens) merge ``plan[i]`` tokens per window in
+    its block ``i`` (global index over the stages)."""
 
     def run(encoder: Any, i: int, block: Any, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
         window = tuple(block.window_size)
-        merged = window_merge_r(r, window)
+        merged = window_merge_r(plan[i], window)
         if merged == 0 or h % window[0] or w % window[1]:
             return block(x)
         return merged_swin_block(encoder.block_parts(block, (h, w)), x, merged, prop_attn=prop_attn)
 
     def tokens(i: int, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         n = window[0] * window[1]
-        merged = window_merge_r(r, window)
+        merged = window_merge_r(plan[i], window)
         if merged == 0 or grid[0] % window[0] or grid[1] % window[1]:
             return n, 0
         return n - merged, len(cell_split(window)[0])
