@@ -21,6 +21,7 @@ from vitedge.tokens.window_merge import (
     _merged_bias,
     _unmerge,
     cell_split,
+    install_window_merging,
     merged_swin_block,
     window_merge_r,
 )
@@ -186,3 +187,29 @@ def test_decreasing_schedule_on_swin_merges_more_early() -> None:
     x = model.example_input(1)
     analytic = analyze(model.arch()).flops
     assert abs(count_flops(model, x).total / analytic - 1) < 0.01
+
+
+@pytest.mark.parametrize("block_index", [0, 1])  # unshifted and shifted (with the shifted-window mask)
+def test_merged_block_backward_matches_the_native_block(block_index: int) -> None:
+    """Gradients through the merged block's machinery (row copies, in-place scaling, the bias-table gather)
+    equal the native block's when nothing is merged: input and relative-position table alike."""
+    model = load("cifar-swin")
+    block = copy.deepcopy(model.model.layers[0].blocks[block_index]).eval()  # eval: no drop-path draws
+    x = torch.randn(2, 16, 16, 64, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(2, 16, 16, 64, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for merged in (False, True):
+        block.zero_grad()
+        inp = x.clone().requires_grad_()
+        out = merged_swin_block(model.block_parts(block, (16, 16)), inp, 0) if merged else block(inp)
+        (out * weights).sum().backward()
+        table = block.attn.relative_position_bias_table.grad
+        assert inp.grad is not None and table is not None
+        grads.append((inp.grad, table.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4)
+
+
+def test_a_plan_needs_one_r_per_block() -> None:
+    with pytest.raises(ValueError, match="one r per block"):
+        install_window_merging(load("cifar-swin"), [4, 4])

@@ -182,7 +182,8 @@ def merged_swin_block(
     group, rep = _groups(y, (wh, ww), r, allowed)
     m = n - r
     rows = flat_rows(group, m)  # (BW * N,)
-    counts = torch.bincount(rows, minlength=b * n_win * m).view(b * n_win, m, 1).to(y.dtype)
+    # group sizes (BW, M, 1); index_add_ rather than bincount, which syncs a GPU to size its output
+    counts = y.new_zeros(b * n_win * m).index_add_(0, rows, y.new_ones(rows.numel())).view(b * n_win, m, 1)
     inv_counts = counts.reciprocal()
 
     q, k, v = split_heads(parts.attn, _merge(y, rows, inv_counts))  # (BW, H, M, d)
@@ -201,7 +202,14 @@ def merged_swin_block(
 
 def install_window_merging(model: Any, plan: Sequence[int], *, prop_attn: bool = True) -> None:
     """Make a Swin encoder (block_parts, block_runner, window_tokens) merge ``plan[i]`` tokens per window in
-    its block ``i`` (global index over the stages)."""
+    its block ``i`` (global index over the stages).
+
+    Raises:
+        ValueError: ``plan`` does not hold one count per block.
+    """
+    depth = sum(model.stage_depths)
+    if len(plan) != depth:
+        raise ValueError(f"window merging needs one r per block ({depth}), got {len(plan)}: {list(plan)}")
 
     def run(encoder: Any, i: int, block: Any, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
