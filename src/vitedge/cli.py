@@ -531,7 +531,8 @@ def show_tokens(
     weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Draw which patches token merging or pruning combined on one image."""
+    """Draw which patches token merging or pruning combined on one image (on Swin: the groups of the first
+    merging block, since window merging is undone after every block)."""
     from vitedge.commands import run_show_tokens
 
     result = run_show_tokens(model, image, opts=opt or [], out=out, img_size=img_size, weights=weights)

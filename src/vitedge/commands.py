@@ -307,32 +307,52 @@ def run_show_tokens(
 
     configs = parse_options(opts or [])
     enc = build_model(model_id, configs, img_size=img_size, weights=weights)
-    if not isinstance(enc, SequenceEncoder) or enc.block_runner is None:
+    swin_merge = getattr(enc, "window_tokens", None) is not None  # Swin: draw the first merging block
+    if not swin_merge and enc.info.family == "swin" and getattr(enc, "block_runner", None) is not None:
+        raise ValueError(
+            "show-tokens draws merged tokens; on Swin, prune drops whole windows per block rather than "
+            "tokens, so there is no token map to draw (use -O merge:r=N to see window merging)"
+        )
+    if not swin_merge and (not isinstance(enc, SequenceEncoder) or enc.block_runner is None):
         raise ValueError("show-tokens needs a token-merging or pruning option, e.g. -O merge:r=8")
     pre = enc.preprocess
     x = build_transform(pre)(read_image(image))[None]
     enc.track_sources = True
     with torch.inference_mode():
         logits = enc(x)
-    state = enc.token_state
-    groups = group_map(state.source[0], state.num_prefix, enc.layout.grid)
-    fused = set()
-    if state.index is not None:
-        fused = {int(i) for i in (state.index[0] == -1).nonzero().flatten().tolist()}
+    fused: set[int] = set()
+    if swin_merge:
+        recorded = getattr(enc, "window_groups", None)
+        if recorded is None:
+            raise ValueError(
+                f"{variant_name(opts or [])} merges nothing on {model_id} at this size (r=0, or no block "
+                "whose grid divides into whole windows)"
+            )
+        groups = recorded.numpy()
+        kept = int(recorded.unique().numel())
+        tokens_in = int(recorded.numel())
+        title = f"{variant_name(opts or [])}: first merging block computes {kept} of {tokens_in} tokens"
+    else:
+        assert isinstance(enc, SequenceEncoder)
+        state = enc.token_state
+        groups = group_map(state.source[0], state.num_prefix, enc.layout.grid)
+        if state.index is not None:
+            fused = {int(i) for i in (state.index[0] == -1).nonzero().flatten().tolist()}
+        kept = int(state.x.shape[1])
+        tokens_in = enc.layout.num_tokens
+        title = f"{variant_name(opts or [])}: {kept} of {tokens_in} tokens left"
     mean = torch.tensor(pre.mean).view(-1, 1, 1)
     std = torch.tensor(pre.std).view(-1, 1, 1)
     pixels = (x[0].float() * std + mean).clamp(0, 1)
     if pixels.shape[0] == 1:
         pixels = pixels.expand(3, -1, -1)
-    kept = int(state.x.shape[1])
-    title = f"{variant_name(opts or [])}: {kept} of {enc.layout.num_tokens} tokens left"
     draw_token_map(pixels.permute(1, 2, 0).numpy(), groups, out, title=title, fused=fused)
     return {
         "model": model_id,
         "name": variant_name(opts or []),
         "image": str(image),
         "out": str(out),
-        "tokens_in": enc.layout.num_tokens,
+        "tokens_in": tokens_in,
         "tokens_out": kept,
         "top1": int(logits.argmax(1)[0]),
     }

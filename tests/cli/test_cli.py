@@ -134,6 +134,19 @@ def test_show_tokens_draws_png(tmp_path) -> None:
     assert bad.exit_code == 2 and "needs a token-merging" in bad.stderr
 
 
+def test_show_tokens_draws_swin_window_merging(tmp_path) -> None:
+    """On Swin the groups of the first merging block are drawn: r=8 of every 4x4 window of cifar-swin's
+    16x16 grid leaves 8 tokens in each of its 16 windows. Window pruning has no token map and says so."""
+    from vitedge.paths import data_root
+
+    image = str(data_root() / "imagenet-sample" / "n01443537_goldfish.jpg")
+    png = tmp_path / "swin.png"
+    out = run_json("show-tokens", "cifar-swin", image, "-O", "merge:r=8", "--out", str(png))
+    assert (out["tokens_in"], out["tokens_out"]) == (256, 128) and png.read_bytes()[:4] == b"\x89PNG"
+    bad = runner.invoke(app, ["show-tokens", "cifar-swin", image, "-O", "prune:keep=0.5", "--out", str(png)])
+    assert bad.exit_code == 2 and "whole windows" in bad.stderr
+
+
 def test_train_command_runs(tmp_path) -> None:
     """The typer front end turns its options into a run (it once mistook its own imports for options)."""
     args = ["train", "cifar-resnet", "--limit", "32", "--eval-limit", "16", "--batch", "16", "--epochs", "1"]

@@ -213,3 +213,21 @@ def test_merged_block_backward_matches_the_native_block(block_index: int) -> Non
 def test_a_plan_needs_one_r_per_block() -> None:
     with pytest.raises(ValueError, match="one r per block"):
         install_window_merging(load("cifar-swin"), [4, 4])
+
+
+def test_recorded_groups_match_the_windows() -> None:
+    """The recorded (H, W) map of the first merging block holds N - r groups per window, each inside one
+    window, for image 0 only; it is recorded afresh on every forward."""
+    model = optimize_(load("cifar-swin"), *parse_options(["merge:r=5"])).eval()
+    model.track_sources = True
+    x = model.example_input(3)
+    with torch.inference_mode():
+        model(x)
+        first = model.window_groups
+        model(x)
+    assert first is not None and model.window_groups is not None and torch.equal(first, model.window_groups)
+    assert first.shape == (16, 16)
+    windows = first.view(4, 4, 4, 4).permute(0, 2, 1, 3).reshape(16, 16)  # (window, position)
+    for w in range(16):
+        ids = windows[w].unique()
+        assert len(ids) == 16 - 5 and (ids // 11 == w).all()  # ids w * M + group

@@ -145,6 +145,8 @@ class Encoder(nn.Module):
         self.layout = layout
         # The technique configs applied by vitedge.optimize_, in order; part of the cache namespace.
         self.applied: list[Any] = []
+        # Ask token-reducing runners to record which original tokens each token holds (show-tokens).
+        self.track_sources = False
         # Set by the bf16 technique in autocast mode: run the forward under torch.autocast with this dtype.
         self.autocast_dtype: torch.dtype | None = None
         # Set by techniques that split a batch (complexity-adaptive keep rates): computes the logits itself.
@@ -262,8 +264,6 @@ class SequenceEncoder(Encoder):
         self.block_runner: BlockRunner | None = None
         # What a token-reducing runner left after the last forward (tokens, sizes, sources); for drawing.
         self.token_state: Any = None
-        # Ask token-reducing runners to track which original tokens each token holds (show-tokens).
-        self.track_sources = False
         # Set with block_runner: the tokens each block sees, so arch() (and the cost model) stay truthful.
         self.token_plan: Callable[[SequenceEncoder], list[BlockTokens]] | None = None
         # Set by techniques that replace the attention product (int8attn): vitedge's block loop calls it

@@ -67,6 +67,9 @@ class TimmSwin(Encoder):
         # Set by window merging: (global block index, window, grid) -> (tokens computed per window,
         # destination tokens each source is compared with, 0 when the block does not merge); for arch().
         self.window_tokens: WindowTokens | None = None
+        # Window merging records here, when ``track_sources`` is set, the (H, W) group id of every position
+        # in the first block that merges (for show-tokens); ids are unique across the windows of image 0.
+        self.window_groups: torch.Tensor | None = None
 
     @property
     def stage_depths(self) -> tuple[int, ...]:
@@ -81,6 +84,7 @@ class TimmSwin(Encoder):
                 "load it with img_size= (CLI: --img-size)"
             )
         m = self.model
+        self.window_groups = None  # recorded afresh by window merging when track_sources is set
         x = m.patch_embed(x)  # (B, H, W, C)
         i = 0
         for stage in m.layers:

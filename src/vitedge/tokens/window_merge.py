@@ -162,9 +162,12 @@ def _merged_bias(
 
 
 def merged_swin_block(
-    parts: Any, x: torch.Tensor, r: int, *, prop_attn: bool = True
+    parts: Any, x: torch.Tensor, r: int, *, prop_attn: bool = True, record: list[torch.Tensor] | None = None
 ) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
-    """One Swin block with ``r`` tokens per window merged for its attention and MLP, then unmerged."""
+    """One Swin block with ``r`` tokens per window merged for its attention and MLP, then unmerged.
+
+    With ``record``, the group ids of the first image's positions ((H, W), distinct across its windows, on
+    the unshifted grid) are appended to it."""
     b, h, w, c = x.shape
     wh, ww = parts.window
     sh, sw = parts.shift
@@ -181,6 +184,10 @@ def merged_swin_block(
         allowed = parts.mask.index_select(1, src_pos).index_select(2, dst_pos) == 0  # (nW, Ns, Nd)
     group, rep = _groups(y, (wh, ww), r, allowed)
     m = n - r
+    if record is not None:
+        ids = group[:n_win] + torch.arange(n_win, device=x.device)[:, None] * m  # (nW, N) of image 0
+        grid = window_reverse(ids.view(1, n_win, n, 1), (wh, ww), (h, w))[0, ..., 0]  # (H, W), shifted
+        record.append(torch.roll(grid, shifts=(sh, sw), dims=(0, 1)) if (sh or sw) else grid)
     rows = flat_rows(group, m)  # (BW * N,)
     # group sizes (BW, M, 1); index_add_ rather than bincount, which syncs a GPU to size its output
     counts = y.new_zeros(b * n_win * m).index_add_(0, rows, y.new_ones(rows.numel())).view(b * n_win, m, 1)
@@ -217,7 +224,14 @@ def install_window_merging(model: Any, plan: Sequence[int], *, prop_attn: bool =
         merged = window_merge_r(plan[i], window)
         if merged == 0 or h % window[0] or w % window[1]:
             return block(x)
-        return merged_swin_block(encoder.block_parts(block, (h, w)), x, merged, prop_attn=prop_attn)
+        record: list[torch.Tensor] | None = None
+        if encoder.track_sources and encoder.window_groups is None:  # the first merging block, for drawing
+            record = []
+        parts = encoder.block_parts(block, (h, w))
+        out = merged_swin_block(parts, x, merged, prop_attn=prop_attn, record=record)
+        if record:
+            encoder.window_groups = record[0].cpu()
+        return out
 
     def tokens(i: int, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         n = window[0] * window[1]
