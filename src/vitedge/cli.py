@@ -1,76 +1,40 @@
 """The ``vitedge`` command line (names, options and JSON keys fixed by ``../shared/CONTRACT.md``).
 
 Every command accepts ``--json`` and then prints exactly one JSON object on stdout; progress bars, tables and
-logs go to stderr. Bad input ends with a one-line ``error: ...`` on stderr and exit status 2.
+logs go to stderr. Bad input ends with a one-line ``error: ...`` on stderr and exit status 2. The shared
+pieces live in :mod:`vitedge.cli_common`, the feature-cache commands in :mod:`vitedge.cli_cache`.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from vitedge import report
+from vitedge import cli_cache, report
+from vitedge.cli_common import (
+    DataOpt,
+    ImgOpt,
+    JsonOpt,
+    ModelArg,
+    OptOpt,
+    ThreadsOpt,
+    WeightsOpt,
+    app,
+    emit,
+    err,
+    user_errors,
+)
 from vitedge.commands import run_bench, run_eval, run_optimize, run_profile, run_sweep
 
-app = typer.Typer(
-    name="vitedge",
-    help="Measure and accelerate the vision encoders of vision-language models on edge hardware.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-err = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-ModelArg = Annotated[
-    str, typer.Argument(help="vit4mnist, cifar-vit, timm:<name>, hf:vit, hf:<dir>, or an optimised dir")
-]
-OptOpt = Annotated[
-    list[str] | None, typer.Option("-O", "--opt", help="NAME[:key=value,...]; repeat to stack")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch threads", min=1)]
-ImgOpt = Annotated[int | None, typer.Option("--img-size", help="input size (default: the model's)")]
-WeightsOpt = Annotated[
-    Path | None, typer.Option("--weights", help="local .safetensors weights for timm: models")
-]
-DataOpt = Annotated[
-    str, typer.Option("--data", help="mnist, cifar10, imagenet-sample, or an ImageFolder dir")
-]
-
-
-def _emit(obj: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], None]) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(obj, default=float) + "\n")
-    else:
-        render(obj)
-
-
-def _errors(fn: F) -> F:
-    """Turn user-facing errors into one line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+__all__ = ["app", "cli_cache", "main"]  # cli_cache: imported for the commands it registers on app
 
 
 @app.command()
-@_errors
+@user_errors
 def profile(
     model: ModelArg,
     batch: Annotated[int, typer.Option("--batch", help="images per forward")] = 1,
@@ -106,11 +70,11 @@ def profile(
         opts=opt or [],
         threads=threads,
     )
-    _emit(result, as_json, lambda r: report.print_profile(r, err))
+    emit(result, as_json, lambda r: report.print_profile(r, err))
 
 
 @app.command("eval")
-@_errors
+@user_errors
 def eval_(
     model: ModelArg,
     data: DataOpt = "mnist",
@@ -140,11 +104,11 @@ def eval_(
         threads=threads,
         console=err,
     )
-    _emit(result, as_json, lambda r: report.print_eval(r, err))
+    emit(result, as_json, lambda r: report.print_eval(r, err))
 
 
 @app.command()
-@_errors
+@user_errors
 def bench(
     model: ModelArg,
     opt: OptOpt = None,
@@ -170,11 +134,11 @@ def bench(
         weights=weights,
         console=err,
     )
-    _emit(result, as_json, lambda r: report.print_bench(r, err))
+    emit(result, as_json, lambda r: report.print_bench(r, err))
 
 
 @app.command()
-@_errors
+@user_errors
 def sweep(
     model: ModelArg,
     opt: OptOpt = None,
@@ -204,11 +168,11 @@ def sweep(
         weights=weights,
         console=err,
     )
-    _emit(result, as_json, lambda r: report.print_sweep(r, err))
+    emit(result, as_json, lambda r: report.print_sweep(r, err))
 
 
 @app.command()
-@_errors
+@user_errors
 def optimize(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="directory to write; it reloads as a model id")],
@@ -219,11 +183,11 @@ def optimize(
 ) -> None:
     """Apply the -O stack and save the result as a directory that reloads as a model id."""
     result = run_optimize(model, opts=opt or [], out=out, img_size=img_size, weights=weights)
-    _emit(result, as_json, lambda r: err.print(f"wrote {r['out']} ({r['name']})"))
+    emit(result, as_json, lambda r: err.print(f"wrote {r['out']} ({r['name']})"))
 
 
 @app.command("export")
-@_errors
+@user_errors
 def export_(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="the .onnx file to write")],
@@ -260,7 +224,7 @@ def export_(
     except ExportMismatchError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    _emit(
+    emit(
         result,
         as_json,
         lambda r: err.print(
@@ -273,7 +237,7 @@ def export_(
 
 
 @app.command("train")
-@_errors
+@user_errors
 def train_(
     model: Annotated[str, typer.Argument(help="cifar-resnet, cifar-vit, cifar-swin or timm:<name>")],
     data: Annotated[
@@ -369,159 +333,11 @@ def train_(
         config = config_from_options(model, options)
     command = shlex.join(["vitedge", *sys.argv[1:]])
     result = run_train(config, resume=resume, install_weights=install, console=err, command=command)
-    _emit(result, as_json, lambda r: err.print(r, highlight=False))
-
-
-# --- feature cache: encode, cache stats|invalidate, video (issue #6) -------------------------------
-CacheDirOpt = Annotated[
-    str | None, typer.Option("--cache-dir", help="disk tier folder (default $VITEDGE_CACHE/features)")
-]
-
-
-@app.command("encode")
-@_errors
-def encode_(
-    model: ModelArg,
-    directory: Annotated[str, typer.Argument(help="a folder of images (recursive), or imagenet-sample")],
-    cache: Annotated[
-        str, typer.Option("--cache", help="tiers fastest first: memory,disk,redis,redis-cluster")
-    ] = "memory,disk",
-    value_format: Annotated[str, typer.Option("--format", help="stored value: fp16 or int8")] = "fp16",
-    batch: Annotated[int, typer.Option("--batch", help="images per forward for the misses")] = 16,
-    limit: Annotated[int | None, typer.Option("--limit", help="encode the first N images only")] = None,
-    cache_dir: CacheDirOpt = None,
-    threads: ThreadsOpt = 2,
-    as_json: JsonOpt = False,
-) -> None:
-    """Encode a folder of images through the feature cache; print the hit rate and the time saved."""
-    from vitedge.cache.encode import run_encode
-    from vitedge.commands import _progress
-
-    with _progress(err) as progress:
-        task = progress.add_task(f"encode {model}", total=None)
-        result = run_encode(
-            model,
-            directory,
-            cache=cache,
-            value_format=value_format,
-            batch=batch,
-            limit=limit,
-            threads=threads,
-            cache_dir=cache_dir,
-            progress=lambda n, total: progress.update(task, completed=n, total=total),
-        )
-    _emit(
-        result,
-        as_json,
-        lambda r: err.print(
-            f"{r['images']} images: hit rate {r['hit_rate']:.1%}, {r['time_s']:.2f} s, "
-            f"time saved {r['time_saved_s']:.2f} s",
-            highlight=False,
-        ),
-    )
-
-
-cache_app = typer.Typer(
-    help="Inspect or invalidate the persistent feature-cache tiers.", no_args_is_help=True
-)
-app.add_typer(cache_app, name="cache")
-AdminTiersOpt = Annotated[str, typer.Option("--cache", help="tiers: disk,redis,redis-cluster")]
-
-
-@cache_app.command("stats")
-@_errors
-def cache_stats(
-    cache: AdminTiersOpt = "disk,redis", cache_dir: CacheDirOpt = None, as_json: JsonOpt = False
-) -> None:
-    """Entries and bytes per tier, and the namespaces (model, weights, settings) they belong to."""
-    from vitedge.cache.encode import run_cache_stats
-
-    result = run_cache_stats(cache=cache, cache_dir=cache_dir)
-    _emit(result, as_json, lambda r: err.print(r, highlight=False))
-
-
-@cache_app.command("invalidate")
-@_errors
-def cache_invalidate(
-    model: Annotated[str, typer.Option("--model", help="drop every cached feature of this model id")],
-    cache: AdminTiersOpt = "disk,redis",
-    cache_dir: CacheDirOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Drop a model's namespaces (all weights, preprocessing and optimisation variants) from the tiers."""
-    from vitedge.cache.encode import run_cache_invalidate
-
-    result = run_cache_invalidate(model, cache=cache, cache_dir=cache_dir)
-    _emit(result, as_json, lambda r: err.print(r, highlight=False))
-
-
-@app.command("video")
-@_errors
-def video_(
-    model: ModelArg,
-    file: Annotated[Path, typer.Argument(help="a video file OpenCV reads")],
-    keyframe_interval: Annotated[
-        int, typer.Option("--keyframe-interval", help="full encode every K frames", min=1)
-    ] = 30,
-    threshold: Annotated[
-        float, typer.Option("--threshold", help="per-block token change (relative L2) that recomputes it")
-    ] = 0.1,
-    pixel_threshold: Annotated[
-        float, typer.Option("--pixel-threshold", help="mean absolute patch change (0..1) that recomputes it")
-    ] = 0.02,
-    cut_threshold: Annotated[
-        float, typer.Option("--cut-threshold", help="histogram distance (0..1) that marks a scene cut")
-    ] = 0.3,
-    flow: Annotated[
-        bool, typer.Option("--flow/--no-flow", help="follow camera motion (optical flow), warping the cache")
-    ] = True,
-    shift_threshold: Annotated[
-        float, typer.Option("--shift-threshold", help="patch change (0..1) that recomputes a moved token")
-    ] = 0.04,
-    min_motion: Annotated[
-        float, typer.Option("--min-motion", help="median flow (px/frame) below which the camera is still")
-    ] = 0.5,
-    all_queries: Annotated[
-        bool, typer.Option("--all-queries", help="attention for every query, not only recomputed tokens")
-    ] = False,
-    max_frames: Annotated[int | None, typer.Option("--max-frames", help="first N frames only")] = None,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG over time (default <video>-reuse.png)")
-    ] = None,
-    img_size: ImgOpt = None,
-    weights: WeightsOpt = None,
-    threads: ThreadsOpt = 2,
-    as_json: JsonOpt = False,
-) -> None:
-    """Temporal token reuse on a video, against full per-frame encoding in the same run."""
-    from vitedge.cache.video import VideoConfig, run_video
-
-    config = VideoConfig(
-        keyframe_interval=keyframe_interval,
-        threshold=threshold,
-        pixel_threshold=pixel_threshold,
-        cut_threshold=cut_threshold,
-        flow=flow,
-        shift_threshold=shift_threshold,
-        min_motion=min_motion,
-        all_queries=all_queries,
-    )
-    result = run_video(
-        model,
-        file,
-        config=config,
-        max_frames=max_frames,
-        plot=plot if plot is not None else Path(f"{file.stem}-reuse.png"),
-        img_size=img_size,
-        weights=weights,
-        threads=threads,
-        console=err,
-    )
-    _emit(result, as_json, lambda r: err.print(r, highlight=False))
+    emit(result, as_json, lambda r: err.print(r, highlight=False))
 
 
 @app.command("show-tokens")
-@_errors
+@user_errors
 def show_tokens(
     model: ModelArg,
     image: Annotated[Path, typer.Argument(help="an image file")],
@@ -536,7 +352,7 @@ def show_tokens(
     from vitedge.commands import run_show_tokens
 
     result = run_show_tokens(model, image, opts=opt or [], out=out, img_size=img_size, weights=weights)
-    _emit(
+    emit(
         result,
         as_json,
         lambda r: err.print(f"{r['tokens_out']} of {r['tokens_in']} tokens left; wrote {r['out']}"),

@@ -1,0 +1,171 @@
+"""The feature-cache commands: ``encode``, ``cache stats|invalidate`` and ``video`` (issue #6).
+
+They register on the shared :data:`vitedge.cli_common.app`, under their own panel of ``vitedge --help``;
+:mod:`vitedge.cli` imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vitedge.cli_common import (
+    ImgOpt,
+    JsonOpt,
+    ModelArg,
+    ThreadsOpt,
+    WeightsOpt,
+    app,
+    emit,
+    err,
+    user_errors,
+)
+
+PANEL = "Feature cache"
+CacheDirOpt = Annotated[
+    str | None, typer.Option("--cache-dir", help="disk tier folder (default $VITEDGE_CACHE/features)")
+]
+
+
+@app.command("encode", rich_help_panel=PANEL)
+@user_errors
+def encode_(
+    model: ModelArg,
+    directory: Annotated[str, typer.Argument(help="a folder of images (recursive), or imagenet-sample")],
+    cache: Annotated[
+        str, typer.Option("--cache", help="tiers fastest first: memory,disk,redis,redis-cluster")
+    ] = "memory,disk",
+    value_format: Annotated[str, typer.Option("--format", help="stored value: fp16 or int8")] = "fp16",
+    batch: Annotated[int, typer.Option("--batch", help="images per forward for the misses")] = 16,
+    limit: Annotated[int | None, typer.Option("--limit", help="encode the first N images only")] = None,
+    cache_dir: CacheDirOpt = None,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode a folder of images through the feature cache; print the hit rate and the time saved."""
+    from vitedge.cache.encode import run_encode
+    from vitedge.commands import _progress
+
+    with _progress(err) as progress:
+        task = progress.add_task(f"encode {model}", total=None)
+        result = run_encode(
+            model,
+            directory,
+            cache=cache,
+            value_format=value_format,
+            batch=batch,
+            limit=limit,
+            threads=threads,
+            cache_dir=cache_dir,
+            progress=lambda n, total: progress.update(task, completed=n, total=total),
+        )
+    emit(
+        result,
+        as_json,
+        lambda r: err.print(
+            f"{r['images']} images: hit rate {r['hit_rate']:.1%}, {r['time_s']:.2f} s, "
+            f"time saved {r['time_saved_s']:.2f} s",
+            highlight=False,
+        ),
+    )
+
+
+cache_app = typer.Typer(
+    help="Inspect or invalidate the persistent feature-cache tiers.", no_args_is_help=True
+)
+app.add_typer(cache_app, name="cache", rich_help_panel=PANEL)
+AdminTiersOpt = Annotated[str, typer.Option("--cache", help="tiers: disk,redis,redis-cluster")]
+
+
+@cache_app.command("stats")
+@user_errors
+def cache_stats(
+    cache: AdminTiersOpt = "disk,redis", cache_dir: CacheDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Entries and bytes per tier, and the namespaces (model, weights, settings) they belong to."""
+    from vitedge.cache.encode import run_cache_stats
+
+    result = run_cache_stats(cache=cache, cache_dir=cache_dir)
+    emit(result, as_json, lambda r: err.print(r, highlight=False))
+
+
+@cache_app.command("invalidate")
+@user_errors
+def cache_invalidate(
+    model: Annotated[str, typer.Option("--model", help="drop every cached feature of this model id")],
+    cache: AdminTiersOpt = "disk,redis",
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drop a model's namespaces (all weights, preprocessing and optimisation variants) from the tiers."""
+    from vitedge.cache.encode import run_cache_invalidate
+
+    result = run_cache_invalidate(model, cache=cache, cache_dir=cache_dir)
+    emit(result, as_json, lambda r: err.print(r, highlight=False))
+
+
+@app.command("video", rich_help_panel=PANEL)
+@user_errors
+def video_(
+    model: ModelArg,
+    file: Annotated[Path, typer.Argument(help="a video file OpenCV reads")],
+    keyframe_interval: Annotated[
+        int, typer.Option("--keyframe-interval", help="full encode every K frames", min=1)
+    ] = 30,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="per-block token change (relative L2) that recomputes it")
+    ] = 0.1,
+    pixel_threshold: Annotated[
+        float, typer.Option("--pixel-threshold", help="mean absolute patch change (0..1) that recomputes it")
+    ] = 0.02,
+    cut_threshold: Annotated[
+        float, typer.Option("--cut-threshold", help="histogram distance (0..1) that marks a scene cut")
+    ] = 0.3,
+    flow: Annotated[
+        bool, typer.Option("--flow/--no-flow", help="follow camera motion (optical flow), warping the cache")
+    ] = True,
+    shift_threshold: Annotated[
+        float, typer.Option("--shift-threshold", help="patch change (0..1) that recomputes a moved token")
+    ] = 0.04,
+    min_motion: Annotated[
+        float, typer.Option("--min-motion", help="median flow (px/frame) below which the camera is still")
+    ] = 0.5,
+    all_queries: Annotated[
+        bool, typer.Option("--all-queries", help="attention for every query, not only recomputed tokens")
+    ] = False,
+    max_frames: Annotated[int | None, typer.Option("--max-frames", help="first N frames only")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="PNG over time (default <video>-reuse.png)")
+    ] = None,
+    img_size: ImgOpt = None,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Temporal token reuse on a video, against full per-frame encoding in the same run."""
+    from vitedge.cache.video import VideoConfig, run_video
+
+    config = VideoConfig(
+        keyframe_interval=keyframe_interval,
+        threshold=threshold,
+        pixel_threshold=pixel_threshold,
+        cut_threshold=cut_threshold,
+        flow=flow,
+        shift_threshold=shift_threshold,
+        min_motion=min_motion,
+        all_queries=all_queries,
+    )
+    result = run_video(
+        model,
+        file,
+        config=config,
+        max_frames=max_frames,
+        plot=plot if plot is not None else Path(f"{file.stem}-reuse.png"),
+        img_size=img_size,
+        weights=weights,
+        threads=threads,
+        console=err,
+    )
+    emit(result, as_json, lambda r: err.print(r, highlight=False))
