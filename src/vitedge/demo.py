@@ -32,9 +32,15 @@ PLAN: list[tuple[str, str, int, list[list[str]]]] = [
         "cifar-vit",
         "cifar10",
         64,
-        [["bf16"], ["int8"], ["merge:r=4"], ["prune:keep=0.7"], ["merge:r=4", "int8"]],
+        [
+            ["bf16"],
+            ["int8"],
+            ["merge:r=5"],
+            ["prune:keep=0.82,fuse=nearest,schedule=every,start=2,scorer=attn-value"],
+            ["merge:r=5", "int8"],
+        ],
     ),
-    ("cifar-swin", "cifar10", 64, [["bf16"], ["prune:keep=0.75"]]),
+    ("cifar-swin", "cifar10", 64, [["bf16"], ["merge:r=4"], ["merge:r=8"], ["prune:keep=0.75"]]),
 ]
 
 
