@@ -8,8 +8,6 @@ continues exactly where the run stopped; on CPU the result is bit-identical to a
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 import torch
 
 from vitedge.api import optimize_
-from vitedge.models import Encoder, build_untrained, load
+from vitedge.models import build_untrained
 from vitedge.models.project import DERIVED_BUFFERS
 from vitedge.models.timm_models import load_weights
 from vitedge.train.augment import augment_batch, epoch_seed, plan_epoch
@@ -26,13 +24,11 @@ from vitedge.train.card import device_name, write_model, write_trained_model
 from vitedge.train.checkpoint import (
     Checkpoint,
     RunState,
-    has_checkpoint,
-    load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from vitedge.train.config import SESSION_FIELDS, TrainConfig, trainable_options
+from vitedge.train.config import TrainConfig, trainable_options
 from vitedge.train.data import TrainData, data_classes, data_img_size, load_train_data
 from vitedge.train.distill import Distillation
 from vitedge.train.events import ProgressFn, TrainProgress, TrainResult
@@ -45,6 +41,7 @@ from vitedge.train.runtime import (
     to_device,
 )
 from vitedge.train.schedule import fit_epochs, lr_at
+from vitedge.train.setup import check_resume, from_directory, load_teacher, train_only, with_drop_path
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +56,16 @@ class _Trainer:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True
-        checkpoint = self._check_resume(resume)
+        checkpoint = check_resume(config, self.out, resume)
         torch.manual_seed(config.seed)
         enc = build_untrained(
             config.model, num_classes=data_classes(config.data), img_size=data_img_size(config.data)
         )
         if config.drop_path is not None:  # before init, which must land in the rebuilt model
-            enc = self._with_drop_path(enc)
+            enc = with_drop_path(config, enc)
         self.prior: list[dict[str, Any]] = []  # configs already applied to an --init model directory
         if config.init is not None and Path(config.init).is_dir():
-            enc, self.prior = self._from_directory(enc, Path(config.init))
+            enc, self.prior = from_directory(config, enc, Path(config.init))
         elif config.init is not None:
             load_weights(getattr(enc, "model", enc), config.init, derived=DERIVED_BUFFERS)
         if config.optimize:
@@ -78,7 +75,7 @@ class _Trainer:
         self.data: TrainData = load_train_data(
             config.data, enc.preprocess, limit=config.limit, eval_limit=config.eval_limit
         ).to(self.device)
-        teacher = self._load_teacher()
+        teacher = load_teacher(config, self.enc.info.num_classes, self.device)
         self.distill = Distillation(self.enc, teacher, config.distill, channels_last=cuda)
         if self.distill.projector is not None:
             self.distill.projector.to(self.device)
@@ -87,7 +84,7 @@ class _Trainer:
             for n, p in (self.distill.projector.named_parameters() if self.distill.projector else [])
         ]
         if config.train_only is not None:
-            named = _only(named, config.train_only)
+            named = train_only(named, config.train_only)
         self.optimizer = build_optimizer(named, config, self.device)
         n = len(self.data.train_images)
         self.batch = min(config.batch_size, n)
@@ -100,77 +97,6 @@ class _Trainer:
         self.session_t0 = self.t0  # the budget covers data loading and model building too
 
     # --- setup ---------------------------------------------------------------------------------
-    def _check_resume(self, resume: bool) -> Checkpoint | None:
-        if not resume:
-            if has_checkpoint(self.out):
-                raise ValueError(
-                    f"{self.out} already holds a training run; resume it or choose another out folder"
-                )
-            return None
-        ckpt = load_checkpoint(self.out)
-        saved = TrainConfig.from_json(ckpt.state["config"])
-        differ = [
-            f.name
-            for f in dataclasses.fields(TrainConfig)
-            if f.name not in SESSION_FIELDS and getattr(saved, f.name) != getattr(self.cfg, f.name)
-        ]
-        if differ:
-            raise ValueError(
-                f"resuming {self.out} with a different configuration: {', '.join(differ)} changed"
-            )
-        if ckpt.state.get("status") == "done":
-            raise ValueError(f"the run in {self.out} has already finished")
-        return ckpt
-
-    def _with_drop_path(self, enc: Encoder) -> Encoder:
-        from vitedge.models.cifar import PROJECT_ARCHS, build_project_model
-
-        if self.cfg.model not in PROJECT_ARCHS:
-            raise ValueError(f"drop_path applies to the project models, not {self.cfg.model}")
-        torch.manual_seed(self.cfg.seed)
-        return build_project_model(
-            self.cfg.model, num_classes=enc.info.num_classes, drop_path=self.cfg.drop_path
-        )
-
-    def _from_directory(self, fresh: Encoder, folder: Path) -> tuple[Encoder, list[dict[str, Any]]]:
-        """Continue from a model directory (``OUT/model`` of an earlier run with ``-O``): its optimised
-        model with its trained weights; returns it and the configs it already carries."""
-        from vitedge.models.saved import MANIFEST
-
-        if not (folder / MANIFEST).is_file():
-            raise ValueError(
-                f"--init {folder} is a folder without {MANIFEST}; pass weights or a model directory"
-            )
-        manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest.get("base") != self.cfg.model:
-            raise ValueError(f"--init {folder} holds a {manifest.get('base')} model, not {self.cfg.model}")
-        configs = list(manifest.get("configs", []))
-        if manifest.get("weights_after", 0) != len(configs):
-            raise ValueError(
-                f"--init {folder} re-applies part of its stack after loading (an optimize --out directory); "
-                "continue only from a directory a training run wrote"
-            )
-        if self.cfg.drop_path is not None:
-            raise ValueError("--drop-path rebuilds the model; it cannot continue from a model directory")
-        enc = load(str(folder))
-        if enc.info.num_classes != fresh.info.num_classes:
-            raise ValueError(
-                f"--init {folder} has {enc.info.num_classes} classes, the data {fresh.info.num_classes}"
-            )
-        return enc.train(), configs
-
-    def _load_teacher(self) -> Encoder | None:
-        if self.cfg.distill is None:
-            return None
-        teacher = load(self.cfg.distill.teacher).eval().requires_grad_(False)
-        if teacher.info.num_classes != self.enc.info.num_classes:
-            raise ValueError(
-                f"teacher {teacher.model_id} has {teacher.info.num_classes} classes, the student "
-                f"{self.enc.info.num_classes}"
-            )
-        cl = self.device.type == "cuda" and teacher.info.family == "cnn"
-        return to_device(teacher, self.device, channels_last=cl)
-
     def _restore(self, ckpt: Checkpoint) -> None:
         st = ckpt.state
         self.enc.load_state_dict({k[6:]: v for k, v in ckpt.model.items() if k.startswith("model.")})
@@ -488,25 +414,6 @@ class _Trainer:
         s.status = "done"
         self._save(s.epoch_stats)
         return self._result("done", top1=accuracy["top1"], top5=accuracy["top5"], weights=weights, card=card)
-
-
-def _only(named: list[tuple[str, torch.nn.Parameter]], prefix: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters named ``prefix...``; every other one is frozen (requires_grad off).
-
-    Raises:
-        ValueError: no parameter name starts with ``prefix``.
-    """
-    chosen = [(n, p) for n, p in named if n.startswith(prefix)]
-    if not chosen:
-        tops = sorted({n.split(".")[0] for n, _ in named})
-        raise ValueError(
-            f"--train-only {prefix!r} matches no parameter; names start with {', '.join(tops)} "
-            "(token_scorers exist under -O prune:...,scorer=learned)"
-        )
-    keep = {id(p) for _, p in chosen}
-    for _, p in named:
-        p.requires_grad_(id(p) in keep)
-    return chosen
 
 
 def train(
