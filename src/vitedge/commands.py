@@ -308,13 +308,14 @@ def run_show_tokens(
     configs = parse_options(opts or [])
     enc = build_model(model_id, configs, img_size=img_size, weights=weights)
     swin_merge = getattr(enc, "window_tokens", None) is not None  # Swin: draw the first merging block
-    if not swin_merge and enc.info.family == "swin" and getattr(enc, "block_runner", None) is not None:
-        raise ValueError(
-            "show-tokens draws merged tokens; on Swin, prune drops whole windows per block rather than "
-            "tokens, so there is no token map to draw (use -O merge:r=N to see window merging)"
-        )
-    if not swin_merge and (not isinstance(enc, SequenceEncoder) or enc.block_runner is None):
-        raise ValueError("show-tokens needs a token-merging or pruning option, e.g. -O merge:r=8")
+    if not swin_merge:
+        if enc.info.family == "swin" and getattr(enc, "block_runner", None) is not None:
+            raise ValueError(
+                "show-tokens draws merged tokens; on Swin, prune drops whole windows per block rather than "
+                "tokens, so there is no token map to draw (use -O merge:r=N to see window merging)"
+            )
+        if not isinstance(enc, SequenceEncoder) or enc.block_runner is None:
+            raise ValueError("show-tokens needs a token-merging or pruning option, e.g. -O merge:r=8")
     pre = enc.preprocess
     x = build_transform(pre)(read_image(image))[None]
     enc.track_sources = True

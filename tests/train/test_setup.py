@@ -24,7 +24,7 @@ def test_train_only_freezes_everything_else() -> None:
 
 def test_fresh_run_has_no_checkpoint_and_a_folder_needs_a_manifest(tmp_path: Path) -> None:
     cfg = TrainConfig(model="cifar-vit", out=str(tmp_path / "run"))
-    assert check_resume(cfg, tmp_path / "run", resume=False) is None
+    assert check_resume(cfg, resume=False) is None
     fresh = build_untrained("cifar-vit", num_classes=10, img_size=32)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"without vitedge\.json"):

@@ -56,7 +56,7 @@ class _Trainer:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True
-        checkpoint = check_resume(config, self.out, resume)
+        checkpoint = check_resume(config, resume)
         torch.manual_seed(config.seed)
         enc = build_untrained(
             config.model, num_classes=data_classes(config.data), img_size=data_img_size(config.data)

@@ -16,13 +16,14 @@ from vitedge.train.config import SESSION_FIELDS, TrainConfig
 from vitedge.train.runtime import to_device
 
 
-def check_resume(cfg: TrainConfig, out: Path, resume: bool) -> Checkpoint | None:
-    """The checkpoint to continue from (``resume``), or None for a fresh run.
+def check_resume(cfg: TrainConfig, resume: bool) -> Checkpoint | None:
+    """The checkpoint in ``cfg.out`` to continue from (``resume``), or None for a fresh run.
 
     Raises:
         ValueError: a fresh run into a folder that holds one, a resumed run whose configuration differs
             (session fields apart), or a run that has already finished.
     """
+    out = Path(cfg.out)
     if not resume:
         if has_checkpoint(out):
             raise ValueError(f"{out} already holds a training run; resume it or choose another out folder")
