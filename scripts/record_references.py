@@ -1,0 +1,122 @@
+"""Record the outputs of every ``-O`` technique and the README's stacks on a few real images.
+
+The execution-plan refactor (and any later change that must not move outputs) is tested against these
+recordings by ``tests/test_references.py``. A change that alters a technique on purpose re-records its cases in
+the same commit, with the technique's algorithm version bumped.
+
+    python scripts/record_references.py            # writes tests/references/outputs.{safetensors,json}
+
+Each case is ``(model id, data set, [-O strings])``; the images are the first ``IMAGES[data]`` of the data set
+taken evenly across it. Names are stored with the ``-O`` strings as given, so a renamed option maps through
+``RENAMED`` in the test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import vitedge
+from vitedge.data import open_dataset
+from vitedge.options import parse_options
+
+OUT = Path(__file__).resolve().parents[1] / "tests" / "references"
+IMAGES = {"mnist": 8, "cifar10": 8, "imagenet-sample": 3}
+
+CASES: list[tuple[str, str, list[str]]] = [
+    # vit4mnist on MNIST: every technique that applies to it
+    ("vit4mnist", "mnist", []),
+    ("vit4mnist", "mnist", ["bf16"]),
+    ("vit4mnist", "mnist", ["bf16:mode=autocast"]),
+    ("vit4mnist", "mnist", ["int8"]),
+    ("vit4mnist", "mnist", ["int8wo"]),
+    ("vit4mnist", "mnist", ["int4"]),
+    ("vit4mnist", "mnist", ["mixed"]),
+    ("vit4mnist", "mnist", ["sparse"]),
+    ("vit4mnist", "mnist", ["structured:heads=0.25,mlp=0.25"]),
+    ("vit4mnist", "mnist", ["structured:blocks=1"]),
+    ("vit4mnist", "mnist", ["int8attn"]),
+    ("vit4mnist", "mnist", ["int8attn:granularity=head,softmax=bf16"]),
+    ("vit4mnist", "mnist", ["merge:r=1"]),
+    ("vit4mnist", "mnist", ["merge:r=2,schedule=decreasing"]),
+    ("vit4mnist", "mnist", ["prune:keep=0.75"]),
+    ("vit4mnist", "mnist", ["adaptive"]),
+    # cifar-vit on CIFAR-10: token reduction in all its settings, and the README's stacks
+    ("cifar-vit", "cifar10", []),
+    ("cifar-vit", "cifar10", ["merge:r=5"]),
+    ("cifar-vit", "cifar10", ["merge:r=5,keep_norm=0"]),
+    ("cifar-vit", "cifar10", ["merge:r=5,prop_attn=0"]),
+    ("cifar-vit", "cifar10", ["merge:r=4,restore=1"]),
+    ("cifar-vit", "cifar10", ["merge:schedule=seed"]),
+    ("cifar-vit", "cifar10", ["prune:keep=0.7"]),
+    ("cifar-vit", "cifar10", ["prune:keep=0.82,fuse=nearest,schedule=every,start=2,scorer=attn-value"]),
+    ("cifar-vit", "cifar10", ["prune:keep=0.7,scorer=entropy,fuse=none"]),
+    ("cifar-vit", "cifar10", ["prune:keep=0.7,scorer=norm,protect_border=1"]),
+    ("cifar-vit", "cifar10", ["prune:keep=0.6,scorer=variance,schedule=every"]),
+    ("cifar-vit", "cifar10", ["prune:keep=0.7,scorer=learned"]),
+    ("cifar-vit", "cifar10", ["adaptive:min_keep=0.5,buckets=3,low=0.5,high=2.5"]),
+    ("cifar-vit", "cifar10", ["int8attn"]),
+    ("cifar-vit", "cifar10", ["merge:r=5", "int8"]),
+    ("cifar-vit", "cifar10", ["merge:r=9", "bf16"]),
+    ("cifar-vit", "cifar10", ["merge:r=5", "int8attn"]),
+    ("cifar-vit", "cifar10", ["int8attn", "prune:keep=0.7"]),
+    ("cifar-vit", "cifar10", ["structured:heads=0.5,mlp=0.5", "merge:r=4"]),
+    ("cifar-vit", "cifar10", ["merge:r=4", "structured:blocks=1"]),
+    ("cifar-vit", "cifar10", ["bf16:mode=autocast", "merge:r=5"]),
+    # cifar-swin on CIFAR-10: window merging and window pruning (merge/prune on Swin before the plan)
+    ("cifar-swin", "cifar10", []),
+    ("cifar-swin", "cifar10", ["merge:r=4"]),
+    ("cifar-swin", "cifar10", ["merge:r=8"]),
+    ("cifar-swin", "cifar10", ["merge:r=6,schedule=decreasing"]),
+    ("cifar-swin", "cifar10", ["merge:r=8,prop_attn=0"]),
+    ("cifar-swin", "cifar10", ["prune:keep=0.75"]),
+    ("cifar-swin", "cifar10", ["prune:keep=0.5,scorer=norm"]),
+    ("cifar-swin", "cifar10", ["merge:r=8", "int8"]),
+    ("cifar-swin", "cifar10", ["bf16"]),
+    # a timm model (random weights from the fixed seed) on ImageNet photos
+    ("timm:deit_tiny_patch16_224", "imagenet-sample", []),
+    ("timm:deit_tiny_patch16_224", "imagenet-sample", ["merge:r=8"]),
+    ("timm:deit_tiny_patch16_224", "imagenet-sample", ["merge:r=8", "int8"]),
+    ("timm:deit_tiny_patch16_224", "imagenet-sample", ["prune:keep=0.7"]),
+    ("timm:deit_tiny_patch16_224", "imagenet-sample", ["int8attn"]),
+]
+
+
+def case_key(model_id: str, opts: list[str]) -> str:
+    return f"{model_id}|{' '.join(opts) or 'baseline'}"
+
+
+def images(model: vitedge.Encoder, data: str) -> torch.Tensor:
+    ds = open_dataset(data, model.preprocess)
+    n = IMAGES[data]
+    idx = np.linspace(0, len(ds) - 1, num=n).round().astype(np.int64).tolist()  # type: ignore[arg-type]
+    return torch.stack([ds[i][0] for i in idx])
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    outputs: dict[str, torch.Tensor] = {}
+    meta: list[dict[str, object]] = []
+    inputs: dict[tuple[str, str], torch.Tensor] = {}
+    for model_id, data, opts in CASES:
+        enc = vitedge.load(model_id)
+        x = inputs.setdefault((model_id, data), images(enc, data))
+        if opts:
+            vitedge.optimize_(enc, *parse_options(opts))
+        with torch.inference_mode():
+            y = enc(x)
+        key = case_key(model_id, opts)
+        outputs[key] = y.contiguous()
+        meta.append({"key": key, "model": model_id, "data": data, "opts": opts})
+        print(f"{key:90s} {tuple(y.shape)}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    save_file(outputs, str(OUT / "outputs.safetensors"))
+    (OUT / "outputs.json").write_text(json.dumps({"images": IMAGES, "cases": meta}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

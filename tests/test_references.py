@@ -1,0 +1,75 @@
+"""Every technique and the README's stacks reproduce their recorded outputs on real images.
+
+``scripts/record_references.py`` recorded them; a change that alters a technique on purpose re-records its
+cases in the same commit (and bumps the technique's algorithm version).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitedge
+from vitedge.options import parse_options
+
+REFS = Path(__file__).parent / "references"
+CASES = json.loads((REFS / "outputs.json").read_text())["cases"]
+# -O strings renamed since the recording: (model family prefix, old option name) -> new option name
+RENAMED: dict[tuple[str, str], str] = {}
+
+
+def _opts(model_id: str, opts: list[str]) -> list[str]:
+    out = []
+    for o in opts:
+        name, sep, rest = o.partition(":")
+        new = RENAMED.get((model_id, name), name)
+        out.append(f"{new}{sep}{rest}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict[str, torch.Tensor]:
+    return load_file(str(REFS / "outputs.safetensors"))
+
+
+class _Inputs(dict):
+    """The recorded images of each (model id, data set), read on first use with the recording's code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        script = Path(__file__).parents[1] / "scripts" / "record_references.py"
+        spec = importlib.util.spec_from_file_location("record_references", script)
+        assert spec is not None and spec.loader is not None
+        self.recorder = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self.recorder)
+
+    def __missing__(self, key: tuple[str, str]) -> torch.Tensor:
+        model_id, data = key
+        self[key] = self.recorder.images(vitedge.load(model_id), data)
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def inputs() -> _Inputs:
+    return _Inputs()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])
+def test_recorded_outputs(case, recorded, inputs) -> None:
+    enc = vitedge.load(case["model"])
+    opts = _opts(case["model"], case["opts"])
+    if opts:
+        vitedge.optimize_(enc, *parse_options(opts))
+    with torch.inference_mode():
+        y = enc(inputs[(case["model"], case["data"])])
+    ref = recorded[case["key"]]
+    low_precision = any(o.startswith(("bf16", "mixed")) for o in opts)
+    tol = 2e-2 if low_precision else 2e-5
+    torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
+    assert torch.equal(y.argmax(1), ref.argmax(1)), "the predicted classes moved"
