@@ -30,6 +30,7 @@ from vitedge.attention.batched import attention, bmm_attention
 from vitedge.commands import run_sweep
 from vitedge.measure.bench import BenchConfig, bench_against_baseline
 from vitedge.models import load
+from vitedge.plan import BlockPlan, ExecutionPlan
 
 CASES: dict[str, tuple[str, int, list[str]]] = {
     "vitb": ("timm:vit_base_patch16_224", 16, ["merge:r=4,8,13,16", "prune:keep=0.7,0.5"]),
@@ -44,8 +45,16 @@ CASES: dict[str, tuple[str, int, list[str]]] = {
             "prune:keep=0.78,0.82,0.86,fuse=nearest,schedule=every,start=2,scorer=attn-value",
         ],
     ),
-    "swin": ("cifar-swin", 64, ["merge:r=4,6,8,10", "merge:r=4,6,schedule=decreasing", "prune:keep=0.75"]),
-    "swint": ("timm:swin_tiny_patch4_window7_224", 16, ["merge:r=4,8,16,24", "prune:keep=0.75,0.5"]),
+    "swin": (
+        "cifar-swin",
+        64,
+        ["window_merge:r=4,6,8,10", "window_merge:r=4,6,schedule=decreasing", "window_prune:keep=0.75"],
+    ),
+    "swint": (
+        "timm:swin_tiny_patch4_window7_224",
+        16,
+        ["window_merge:r=4,8,16,24", "window_prune:keep=0.75,0.5"],
+    ),
     "mnist": ("vit4mnist", 256, ["merge:r=1,2,3", "prune:keep=0.75,0.5"]),
 }
 
@@ -97,7 +106,9 @@ def attention_report(seconds: float) -> None:
         model_id, batch, _ = CASES[key]
         base = load(model_id).eval()
         loop = copy.deepcopy(base)
-        loop.attention_kernel = _vitedge_attention  # vitedge's block loop, kernel chosen by shape
+        # vitedge's block loop, kernel chosen by shape: the default attention as every block's attention step
+        steps = tuple(BlockPlan(index=i, attention=_vitedge_attention) for i in range(len(loop.blocks)))
+        loop.plan = ExecutionPlan(blocks=steps)
         variants = {"vitedge loop": loop}
         unfused = copy.deepcopy(base)
         timm_attention = [m for m in unfused.modules() if hasattr(m, "fused_attn")]

@@ -1,14 +1,13 @@
 """Record the outputs of every ``-O`` technique and the README's stacks on a few real images.
 
 The execution-plan refactor (and any later change that must not move outputs) is tested against these
-recordings by ``tests/test_references.py``. A change that alters a technique on purpose re-records its cases in
-the same commit, with the technique's algorithm version bumped.
+recordings by ``tests/test_references.py``. A change that alters a technique on purpose re-records its
+cases in the same commit, with the technique's algorithm version bumped.
 
     python scripts/record_references.py            # writes tests/references/outputs.{safetensors,json}
 
-Each case is ``(model id, data set, [-O strings])``; the images are the first ``IMAGES[data]`` of the data set
-taken evenly across it. Names are stored with the ``-O`` strings as given, so a renamed option maps through
-``RENAMED`` in the test.
+Each case is ``(model id, data set, [-O strings])``; the images are ``IMAGES[data]`` images spread evenly
+over the data set.
 """
 
 from __future__ import annotations
@@ -67,15 +66,15 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("cifar-vit", "cifar10", ["structured:heads=0.5,mlp=0.5", "merge:r=4"]),
     ("cifar-vit", "cifar10", ["merge:r=4", "structured:blocks=1"]),
     ("cifar-vit", "cifar10", ["bf16:mode=autocast", "merge:r=5"]),
-    # cifar-swin on CIFAR-10: window merging and window pruning (merge/prune on Swin before the plan)
+    # cifar-swin on CIFAR-10: window merging and window pruning (first recorded as merge/prune on Swin)
     ("cifar-swin", "cifar10", []),
-    ("cifar-swin", "cifar10", ["merge:r=4"]),
-    ("cifar-swin", "cifar10", ["merge:r=8"]),
-    ("cifar-swin", "cifar10", ["merge:r=6,schedule=decreasing"]),
-    ("cifar-swin", "cifar10", ["merge:r=8,prop_attn=0"]),
-    ("cifar-swin", "cifar10", ["prune:keep=0.75"]),
-    ("cifar-swin", "cifar10", ["prune:keep=0.5,scorer=norm"]),
-    ("cifar-swin", "cifar10", ["merge:r=8", "int8"]),
+    ("cifar-swin", "cifar10", ["window_merge:r=4"]),
+    ("cifar-swin", "cifar10", ["window_merge:r=8"]),
+    ("cifar-swin", "cifar10", ["window_merge:r=6,schedule=decreasing"]),
+    ("cifar-swin", "cifar10", ["window_merge:r=8,prop_attn=0"]),
+    ("cifar-swin", "cifar10", ["window_prune:keep=0.75"]),
+    ("cifar-swin", "cifar10", ["window_prune:keep=0.5,scorer=norm"]),
+    ("cifar-swin", "cifar10", ["window_merge:r=8", "int8"]),
     ("cifar-swin", "cifar10", ["bf16"]),
     # a timm model (random weights from the fixed seed) on ImageNet photos
     ("timm:deit_tiny_patch16_224", "imagenet-sample", []),

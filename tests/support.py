@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 # One representative of every supported family: (model id, load kwargs).
@@ -73,3 +77,36 @@ def assert_stochastic_depth_kept(name: str, option: str) -> None:
     plain.eval()
     with torch.no_grad():
         assert torch.allclose(dropping(x), plain(x), atol=1e-6)  # eval: drop-path is the identity
+
+
+class RunBlock:
+    """A gate step that always runs its block: vitedge's own block loop with nothing else changed."""
+
+    label = "test:run-block"
+
+    def __call__(self, encoder: Any, state: Any, run_block: Any) -> Any:
+        return run_block(state)
+
+
+@contextlib.contextmanager
+def planned(model: Any, *configs: Any, gates: bool = False) -> Iterator[Any]:
+    """``model`` (a cached one, say) running with the plan steps of ``configs`` added, for techniques that
+    change no weights; ``gates`` puts a :class:`RunBlock` gate on every block, so vitedge's block loop runs
+    even where the configs change nothing. Plan and applied list are put back afterwards."""
+    from dataclasses import replace
+
+    from vitedge.api import build_plan
+    from vitedge.plan import BlockPlan, ExecutionPlan
+
+    saved = list(model.applied), model.plan
+    model.applied = [*model.applied, *configs]
+    try:
+        plan = build_plan(model)
+        if gates:
+            if plan is None:
+                plan = ExecutionPlan(blocks=tuple(BlockPlan(index=i) for i in range(len(model.blocks))))
+            plan = replace(plan, blocks=tuple(replace(b, gate=RunBlock()) for b in plan.blocks))
+        model.plan = plan
+        yield model
+    finally:
+        model.applied, model.plan = saved

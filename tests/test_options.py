@@ -88,7 +88,7 @@ def test_config_roundtrip_and_describe() -> None:
 
 
 def test_optimize_rejects_foreign_objects() -> None:
-    with pytest.raises(TypeError, match="Encoder"):
+    with pytest.raises(TypeError, match="cannot wrap a Linear; it takes timm VisionTransformer"):
         optimize_(torch.nn.Linear(2, 2), Bf16Config())
     with pytest.raises(TypeError, match="registered"):
         optimize_(load("vit4mnist"), object())

@@ -19,17 +19,6 @@ from vitedge.options import parse_options
 
 REFS = Path(__file__).parent / "references"
 CASES = json.loads((REFS / "outputs.json").read_text())["cases"]
-# -O strings renamed since the recording: (model family prefix, old option name) -> new option name
-RENAMED: dict[tuple[str, str], str] = {}
-
-
-def _opts(model_id: str, opts: list[str]) -> list[str]:
-    out = []
-    for o in opts:
-        name, sep, rest = o.partition(":")
-        new = RENAMED.get((model_id, name), name)
-        out.append(f"{new}{sep}{rest}")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,7 @@ def inputs() -> _Inputs:
 @pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])
 def test_recorded_outputs(case, recorded, inputs) -> None:
     enc = vitedge.load(case["model"])
-    opts = _opts(case["model"], case["opts"])
+    opts = case["opts"]
     if opts:
         vitedge.optimize_(enc, *parse_options(opts))
     with torch.inference_mode():

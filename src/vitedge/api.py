@@ -3,24 +3,68 @@
 Each technique is a frozen, keyword-only dataclass config plus a handler registered for that config type,
 as in torchao's ``quantize_``. The ``-O`` name of a technique maps to its config class, so the CLI, saved
 optimised directories and the cache namespace all speak the same language.
+
+A registration says, in one place, everything :func:`optimize_` needs to know about a technique:
+
+- ``handler(model, config)``: checks that the technique applies to this model (``ValueError`` naming why not)
+  and changes the weights where the technique is a weight change (quantisation, pruning, bf16 cast);
+- ``steps(model, config, builder)``: the execution-plan steps it contributes (:mod:`vitedge.plan`), for
+  techniques that change how the forward runs;
+- ``compose``: a :class:`Composition`, the plan steps it fills (one technique per step) and the orders that
+  cannot work. :func:`optimize_` checks the whole stack against these before applying anything, never
+  reorders it, and refuses an order that cannot work with a message naming both techniques and the order
+  that works.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from vitedge.models.base import Encoder
 
+if TYPE_CHECKING:
+    from vitedge.plan import ExecutionPlan, PlanBuilder
+
 Config = Any
 Handler = Callable[[Encoder, Any], None]
-C = TypeVar("C")
+Steps = Callable[[Encoder, Any, "PlanBuilder"], None]
 
-_HANDLERS: dict[type, Handler] = {}
+
+@dataclass(frozen=True, kw_only=True)
+class Composition:
+    """How a technique stacks with others, declared where it is registered.
+
+    Attributes:
+        fills: the execution-plan steps it fills (``reducer``, ``attention``, ``window``, ``router``,
+            ``autocast``, ``compiled``, ``gate``, ``exit``); a step takes one technique, so two techniques
+            that fill the same step never stack, in either order.
+        after: ``-O`` names of techniques that must come *after* this one -> why (``structured`` before
+            ``int8``: it prunes float layers). Given after one of them, this technique is refused.
+        last: it must be the last option of a stack (``compile``).
+        not_after: ``-O`` names it can never follow, whatever the order of the rest -> why.
+    """
+
+    fills: frozenset[str] = frozenset()
+    after: Mapping[str, str] = field(default_factory=dict)
+    last: bool = False
+    not_after: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    config_type: type
+    handler: Handler
+    steps: Steps | None
+    compose: Composition
+
+
+_BY_TYPE: dict[type, Technique] = {}
 _BY_NAME: dict[str, type] = {}
-_NAME_OF: dict[type, str] = {}
 
 # Modules that register techniques; importing one registers its config and handler.
 _TECHNIQUE_MODULES = (
@@ -32,6 +76,8 @@ _TECHNIQUE_MODULES = (
     "vitedge.tokens.merge",
     "vitedge.tokens.prune",
     "vitedge.tokens.adaptive",
+    "vitedge.tokens.windows",
+    "vitedge.tokens.window_merge",
     "vitedge.attention.int8",
     "vitedge.runtime.compile",
 )
@@ -40,14 +86,21 @@ _loaded = False
 RUNTIME_ONLY = frozenset({"compile"})
 
 
-def register(name: str, config_type: type | None = None) -> Callable[[Handler], Handler]:
+def register(
+    name: str,
+    config_type: type | None = None,
+    *,
+    steps: Steps | None = None,
+    compose: Composition | None = None,
+) -> Callable[[Handler], Handler]:
     """Register ``handler(model, config)`` under ``-O`` ``name`` for ``config_type`` (default: the type
-    annotated on the handler's ``config`` parameter, looked up in the handler's module).
+    annotated on the handler's ``config`` parameter, looked up in the handler's module), with the plan
+    ``steps`` it contributes and how it composes with other techniques.
 
     Usage::
 
-        @register("bf16")
-        def _apply(model: Encoder, config: Bf16Config) -> None: ...
+        @register("merge", steps=merge_steps, compose=Composition(fills=frozenset({"reducer"})))
+        def _apply(model: Encoder, config: MergeConfig) -> None: ...
     """
 
     def deco(handler: Handler) -> Handler:
@@ -58,9 +111,8 @@ def register(name: str, config_type: type | None = None) -> Callable[[Handler], 
             raise TypeError(f"handler {handler.__name__} must annotate 'config' with a dataclass type")
         if not cfg_type.__dataclass_params__.frozen:  # type: ignore[attr-defined]
             raise TypeError(f"{cfg_type.__name__} must be a frozen dataclass")
-        _HANDLERS[cfg_type] = handler
+        _BY_TYPE[cfg_type] = Technique(name, cfg_type, handler, steps, compose or Composition())
         _BY_NAME[name] = cfg_type
-        _NAME_OF[cfg_type] = name
         return handler
 
     return deco
@@ -75,6 +127,7 @@ def _ensure_loaded() -> None:
 
 
 def technique_names() -> list[str]:
+    """Every registered ``-O`` name, sorted."""
     _ensure_loaded()
     return sorted(_BY_NAME)
 
@@ -87,12 +140,24 @@ def config_class(name: str) -> type:
     return _BY_NAME[name]
 
 
-def config_name(config: Config) -> str:
+def technique(config: Config) -> Technique:
+    """The registration of ``config``'s technique.
+
+    Raises:
+        TypeError: ``config`` is not an instance of a registered config class.
+    """
     _ensure_loaded()
     try:
-        return _NAME_OF[type(config)]
-    except KeyError:
-        raise TypeError(f"{type(config).__name__} is not a registered vitedge technique config") from None
+        return _BY_TYPE[type(config)]
+    except (KeyError, TypeError):
+        raise TypeError(
+            f"{type(config).__name__} is not a registered vitedge technique config "
+            f"(use one of vitedge's config classes or an -O string such as 'merge:r=8')"
+        ) from None
+
+
+def config_name(config: Config) -> str:
+    return technique(config).name
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -117,27 +182,98 @@ def describe(config: Config) -> str:
     return f"{name}:{','.join(parts)}" if parts else name
 
 
-def optimize_(model: Encoder, *configs: Config) -> Encoder:
-    """Apply technique configs to ``model`` in place, in the order given, and return it.
+def check_stack(configs: Sequence[Config], *, applied: Sequence[Config] = ()) -> None:
+    """Refuse a stack (``applied`` then ``configs``) whose order cannot work, before anything is applied.
 
     Raises:
-        TypeError: ``model`` is not an Encoder or a config is not a registered technique config.
-        ValueError: a technique cannot apply to this model (the message says why).
+        ValueError: two techniques fill the same plan step, or one comes in an order it cannot take; the
+            message names both and, where one exists, the order that works.
     """
+    stack = [*applied, *configs]
+    for j, config in enumerate(stack):
+        if j < len(applied):
+            continue
+        this = technique(config)
+        for earlier_config in stack[:j]:
+            earlier = technique(earlier_config)
+            a, b = describe(earlier_config), describe(config)
+            if earlier.compose.last:
+                raise ValueError(
+                    f"-O {b} comes after -O {a}; {earlier.name} must be the last option of a stack "
+                    f"(put -O {b} before -O {a})"
+                )
+            reason = this.compose.after.get(earlier.name)
+            if reason:
+                raise ValueError(f"-O {b} cannot follow -O {a}: {reason}; put -O {b} before -O {a}")
+            reason = this.compose.not_after.get(earlier.name)
+            if reason:
+                raise ValueError(f"-O {b} cannot follow -O {a}: {reason}; drop one of them")
+            shared = sorted(this.compose.fills & earlier.compose.fills)
+            if shared and this.name == earlier.name:
+                raise ValueError(f"-O {b} is given twice (after -O {a}); give {this.name} once")
+            if shared:
+                raise ValueError(
+                    f"-O {a} and -O {b} cannot stack: both fill the execution plan's {' and '.join(shared)} "
+                    "step; use one of them"
+                )
+
+
+def build_plan(model: Encoder) -> ExecutionPlan | None:
+    """The execution plan of ``model`` from its applied configs, in order (None: it runs natively)."""
+    from vitedge.plan import PlanBuilder
+
+    builder = PlanBuilder(len(model.blocks) if _has_blocks(model) else 0)
+    for config in model.applied:
+        tech = technique(config)
+        if tech.steps is not None:
+            builder.current = describe(config)
+            tech.steps(model, config, builder)
+    return builder.build()
+
+
+def _has_blocks(model: Encoder) -> bool:
+    try:
+        model.blocks  # noqa: B018
+    except NotImplementedError:
+        return False
+    return True
+
+
+def optimize_(model: Any, *configs: Config | str) -> Encoder:
+    """Apply techniques to ``model`` in the order given and return the optimised Encoder.
+
+    Args:
+        model: a vitedge Encoder (``vitedge.load`` or ``vitedge.wrap``), or a timm / Hugging Face module
+            that :func:`vitedge.wrap` accepts.
+        configs: technique configs (``vitedge.MergeConfig(r=8)``) or ``-O`` strings (``"merge:r=8"``).
+
+    Returns:
+        The same object when ``model`` is an Encoder. For a plain module, a new Encoder that wraps it and
+        shares its parameters: like torchao's ``quantize_``, the techniques change the user's module in
+        place (quantisation replaces its linear layers, pruning shrinks them), so keep a copy if you need
+        the original.
+
+    Raises:
+        TypeError: ``model`` is neither an Encoder nor a supported module, or a config is not a technique's.
+        ValueError: the stack's order cannot work (the message says why and which order works; checked
+            before anything is applied), or a technique cannot apply to this model (the options before it
+            stay applied).
+    """
+    from vitedge.options import parse_options
+
     _ensure_loaded()
     if not isinstance(model, Encoder):
-        raise TypeError(
-            f"optimize_ takes a vitedge Encoder (vitedge.models.load), got {type(model).__name__}"
-        )
+        from vitedge.models.wrap import wrap
+
+        model = wrap(model)
+    parsed: list[Config] = []
     for config in configs:
-        handler = _HANDLERS.get(type(config))
-        if handler is None:
-            raise TypeError(f"{type(config).__name__} is not a registered vitedge technique config")
-        if model.compiled_logits is not None:
-            raise ValueError(
-                f"-O {describe(config)} comes after -O compile; compile must be the last option of a stack "
-                "(it compiles the model the options before it built)"
-            )
-        handler(model, config)
+        parsed += parse_options([config]) if isinstance(config, str) else [config]
+    for config in parsed:
+        technique(config)  # TypeError for anything that is not a registered config
+    check_stack(parsed, applied=model.applied)
+    for config in parsed:
+        technique(config).handler(model, config)
         model.applied.append(config)
+        model.plan = build_plan(model)
     return model

@@ -28,7 +28,7 @@ from vitedge.cli_common import (
     err,
     user_errors,
 )
-from vitedge.commands import run_bench, run_eval, run_optimize, run_profile, run_sweep
+from vitedge.commands import run_bench, run_eval, run_explain, run_optimize, run_profile, run_sweep
 
 __all__ = ["app", "cli_cache", "main"]  # cli_cache: imported for the commands it registers on app
 
@@ -175,13 +175,25 @@ def sweep(
 @user_errors
 def optimize(
     model: ModelArg,
-    out: Annotated[Path, typer.Option("--out", help="directory to write; it reloads as a model id")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="directory to write; it reloads as a model id")
+    ] = None,
     opt: OptOpt = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="print the execution plan per block with MACs; write nothing")
+    ] = False,
     img_size: ImgOpt = None,
     weights: WeightsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Apply the -O stack and save the result as a directory that reloads as a model id."""
+    """Apply the -O stack and save the result as a directory that reloads as a model id (--explain: show
+    the execution plan instead)."""
+    if explain:
+        result = run_explain(model, opts=opt or [], img_size=img_size, weights=weights)
+        emit(result, as_json, lambda r: report.print_plan(r, err))
+        return
+    if out is None:
+        raise ValueError("optimize needs --out DIR to write the model (or --explain to show the plan)")
     result = run_optimize(model, opts=opt or [], out=out, img_size=img_size, weights=weights)
     emit(result, as_json, lambda r: err.print(f"wrote {r['out']} ({r['name']})"))
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from vitedge import __version__
-from vitedge.api import config_to_dict, describe, optimize_
+from vitedge.api import config_name, config_to_dict, describe, optimize_
 from vitedge.compress.calibration import MNIST_CALIBRATION
 from vitedge.data import as_tensor_batches, open_dataset
 from vitedge.measure.bench import BenchConfig, bench, bench_against_baseline
@@ -291,6 +291,23 @@ def run_optimize(
     return {"model": model_id, "out": str(out), "name": manifest["name"], "configs": manifest["configs"]}
 
 
+def run_explain(
+    model_id: str,
+    *,
+    opts: list[str] | None,
+    img_size: int | None = None,
+    weights: Path | None = None,
+) -> dict[str, Any]:
+    """The execution plan of the -O stack on ``model_id``, per block with the cost model's MACs; writes
+    nothing."""
+    from vitedge.plan.explain import explain
+
+    enc = build_model(model_id, parse_options(opts or []), img_size=img_size, weights=weights)
+    out = explain(enc)
+    out["name"] = variant_name(opts or [])
+    return out
+
+
 def run_show_tokens(
     model_id: str,
     image: Path,
@@ -307,23 +324,23 @@ def run_show_tokens(
 
     configs = parse_options(opts or [])
     enc = build_model(model_id, configs, img_size=img_size, weights=weights)
-    swin_merge = getattr(enc, "window_tokens", None) is not None  # Swin: draw the first merging block
+    by = {} if enc.plan is None else enc.plan.by
+    swin_merge = any(config_name(c) == "window_merge" for c in configs)  # Swin: the first merging block
     if not swin_merge:
-        if enc.info.family == "swin" and getattr(enc, "block_runner", None) is not None:
+        if "window" in by:
             raise ValueError(
-                "show-tokens draws merged tokens; on Swin, prune drops whole windows per block rather than "
-                "tokens, so there is no token map to draw (use -O merge:r=N to see window merging)"
+                "show-tokens draws merged tokens; window_prune drops whole windows per block rather than "
+                "tokens, so there is no token map to draw (use -O window_merge:r=N to see window merging)"
             )
-        if not isinstance(enc, SequenceEncoder) or enc.block_runner is None:
+        if "reducer" not in by or "router" in by:
             raise ValueError("show-tokens needs a token-merging or pruning option, e.g. -O merge:r=8")
     pre = enc.preprocess
     x = build_transform(pre)(read_image(image))[None]
-    enc.track_sources = True
     with torch.inference_mode():
-        logits = enc(x)
+        logits, trace = enc.forward_traced(x)
     fused: set[int] = set()
     if swin_merge:
-        recorded = getattr(enc, "window_groups", None)
+        recorded = trace.window_groups
         if recorded is None:
             raise ValueError(
                 f"{variant_name(opts or [])} merges nothing on {model_id} at this size (r=0, or no block "
@@ -335,7 +352,7 @@ def run_show_tokens(
         title = f"{variant_name(opts or [])}: first merging block computes {kept} of {tokens_in} tokens"
     else:
         assert isinstance(enc, SequenceEncoder)
-        state = enc.token_state
+        state = trace.tokens
         groups = group_map(state.source[0], state.num_prefix, enc.layout.grid)
         if state.index is not None:
             fused = {int(i) for i in (state.index[0] == -1).nonzero().flatten().tolist()}

@@ -40,7 +40,12 @@ PLAN: list[tuple[str, str, int, list[list[str]]]] = [
             ["merge:r=5", "int8"],
         ],
     ),
-    ("cifar-swin", "cifar10", 64, [["bf16"], ["merge:r=4"], ["merge:r=8"], ["prune:keep=0.75"]]),
+    (
+        "cifar-swin",
+        "cifar10",
+        64,
+        [["bf16"], ["window_merge:r=4"], ["window_merge:r=8"], ["window_prune:keep=0.75"]],
+    ),
 ]
 
 

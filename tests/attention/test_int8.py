@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from functools import partial
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from support import SUPPORTED_IDS, load_cached
 from vitedge.api import optimize_
 from vitedge.attention.int8 import (
+    Int8AttentionStep,
     Int8AttnConfig,
     exact_int_matmul,
     int8_attention,
@@ -24,6 +24,7 @@ from vitedge.data import as_tensor_batches, open_dataset
 from vitedge.models import load
 from vitedge.models.base import SequenceEncoder
 from vitedge.options import parse_options
+from vitedge.plan import BlockPlan, ExecutionPlan
 
 REFUSED = {"timm:eva02_tiny_patch14_224": "rotary", "timm:swin_tiny_patch4_window7_224": "Swin"}
 
@@ -100,7 +101,11 @@ def test_sdpa_as_kernel_reproduces_native_blocks(model_id: str) -> None:
     x = model.example_input(2)
     with torch.inference_mode():
         ref = model(x)
-        model.attention_kernel = F.scaled_dot_product_attention
+        model.plan = ExecutionPlan(
+            blocks=tuple(
+                BlockPlan(index=i, attention=F.scaled_dot_product_attention) for i in range(len(model.blocks))
+            )
+        )
         out = model(x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -137,7 +142,7 @@ def test_composes_in_both_orders(cifar, pair: list[str]) -> None:
     outs = []
     for order in (pair, pair[::-1]):
         enc = optimize_(copy.deepcopy(model), *parse_options(order))
-        assert enc.attention_kernel is not None
+        assert enc.plan is not None and all(b.attention is not None for b in enc.plan.blocks)
         with torch.inference_mode():
             outs.append(enc(x))
     assert torch.equal(outs[0], outs[1])  # the same model whichever order -O gave
@@ -191,7 +196,7 @@ def test_refuses_a_cnn_and_a_second_application() -> None:
     with pytest.raises(ValueError, match="single-sequence"):
         optimize_(load("cifar-resnet"), Int8AttnConfig())
     enc = optimize_(load("vit4mnist"), Int8AttnConfig())
-    with pytest.raises(ValueError, match="already applied"):
+    with pytest.raises(ValueError, match="given twice"):
         optimize_(enc, Int8AttnConfig())
 
 
@@ -208,11 +213,14 @@ def test_bad_config_is_named(text: str, message: str) -> None:
         parse_options([text])
 
 
-def test_partial_kernel_is_the_installed_kernel() -> None:
+def test_the_plan_holds_the_int8_step_in_every_block() -> None:
     enc = optimize_(load("vit4mnist"), *parse_options(["int8attn:granularity=head"]))
-    kernel = enc.attention_kernel
-    assert isinstance(kernel, partial) and kernel.keywords["config"] == Int8AttnConfig(granularity="head")
-    assert enc.block_runner is None  # token-reduction options can still be stacked after it
+    assert enc.plan is not None
+    steps = [b.attention for b in enc.plan.blocks]
+    assert all(isinstance(s, Int8AttentionStep) for s in steps) and len(steps) == 6
+    assert steps[0].config == Int8AttnConfig(granularity="head")  # type: ignore[union-attr]
+    assert steps[0].label == "int8attn:granularity=head"  # type: ignore[union-attr]
+    assert all(b.reducer is None for b in enc.plan.blocks)  # token reduction can still be stacked after it
 
 
 @pytest.mark.parametrize("opts", [["int8attn"], ["merge:r=2", "int8attn"]])
@@ -233,7 +241,7 @@ def test_saved_model_reloads_with_int8attn(tmp_path) -> None:
     run_optimize("vit4mnist", opts=["int8attn:granularity=head", "int8"], out=out)
     a = load(str(out))
     b = optimize_(load("vit4mnist"), Int8AttnConfig(granularity="head"), *parse_options(["int8"]))
-    assert isinstance(a, SequenceEncoder) and a.attention_kernel is not None
+    assert isinstance(a, SequenceEncoder) and a.plan is not None and a.plan.blocks[0].attention is not None
     x = a.example_input(3)
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))

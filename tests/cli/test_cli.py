@@ -97,6 +97,29 @@ def test_optimize_dir_reloads(tmp_path) -> None:
     assert again["dtype"] == "bfloat16"
 
 
+def test_optimize_explain_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(
+        app, ["optimize", "cifar-vit", "-O", "merge:r=5", "-O", "int8", "--explain", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)  # exactly one JSON object on stdout
+    assert len(plan["blocks"]) == 9 and plan["name"] == "merge:r=5 int8"
+    assert {"block", "tokens_in", "tokens_out", "kernel", "reducer", "gate", "exit", "macs"} <= set(
+        plan["blocks"][0]
+    )
+    assert plan["blocks"][0]["tokens_out"] == 61 and plan["steps"]["weights"] == ["int8"]
+    assert list(tmp_path.iterdir()) == []
+    table = runner.invoke(app, ["optimize", "cifar-vit", "-O", "merge:r=5", "--explain"])
+    assert table.exit_code == 0 and "merge r=5" in table.stderr and table.stdout == ""
+    missing = runner.invoke(app, ["optimize", "cifar-vit", "-O", "merge:r=5"])
+    assert missing.exit_code == 2 and "--out" in missing.stderr
+    clash = runner.invoke(
+        app, ["optimize", "cifar-vit", "-O", "merge:r=5", "-O", "prune:keep=0.5", "--explain"]
+    )
+    assert clash.exit_code == 2 and "cannot stack" in clash.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -141,9 +164,11 @@ def test_show_tokens_draws_swin_window_merging(tmp_path) -> None:
 
     image = str(data_root() / "imagenet-sample" / "n01443537_goldfish.jpg")
     png = tmp_path / "swin.png"
-    out = run_json("show-tokens", "cifar-swin", image, "-O", "merge:r=8", "--out", str(png))
+    out = run_json("show-tokens", "cifar-swin", image, "-O", "window_merge:r=8", "--out", str(png))
     assert (out["tokens_in"], out["tokens_out"]) == (256, 128) and png.read_bytes()[:4] == b"\x89PNG"
-    bad = runner.invoke(app, ["show-tokens", "cifar-swin", image, "-O", "prune:keep=0.5", "--out", str(png)])
+    bad = runner.invoke(
+        app, ["show-tokens", "cifar-swin", image, "-O", "window_prune:keep=0.5", "--out", str(png)]
+    )
     assert bad.exit_code == 2 and "whole windows" in bad.stderr
 
 

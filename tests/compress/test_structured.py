@@ -92,9 +92,13 @@ def test_composes_with_precision(order: list[str]) -> None:
     assert _run(enc, x).dtype == torch.float32
 
 
-def test_pruning_after_quantisation_is_refused_clearly() -> None:
-    with pytest.raises(ValueError, match="before quantisation"):
-        optimize_(load("vit4mnist"), *parse_options(["int8", "structured:heads=0.5"]))
+@pytest.mark.parametrize("quantiser", ["int8", "int8wo", "int4", "mixed"])
+def test_pruning_after_quantisation_is_refused_clearly(quantiser: str) -> None:
+    """Refused before anything is applied, naming both options and the order that works."""
+    model = load("vit4mnist")
+    with pytest.raises(ValueError, match=f"put -O structured:heads=0.5 before -O {quantiser}"):
+        optimize_(model, *parse_options([quantiser, "structured:heads=0.5"]))
+    assert model.applied == []
 
 
 def test_saved_pruned_model_reloads_with_same_outputs(tmp_path) -> None:

@@ -77,7 +77,7 @@ def test_saved_directory_reloads_compiled(tmp_path) -> None:
         tmp_path / "m", enc, manifest={"base": "vit4mnist", "configs": configs, "weights_after": 2}
     )
     again = load(str(tmp_path / "m"))
-    assert again.compiled_logits is not None
+    assert again.plan is not None and again.plan.compiled is not None
     assert [describe(c) for c in again.applied] == ["merge:r=1", "compile"]
 
 
@@ -96,7 +96,7 @@ def test_compiled_forward_matches_eager_and_copies_run_their_own_weights() -> No
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     eager = optimize_(load("vit4mnist"), *parse_options(["merge:r=2"]))
     compiled = optimize_(load("vit4mnist"), *parse_options(["merge:r=2", "compile"]))
-    assert compiled.compiled_logits is not None
+    assert compiled.plan is not None and compiled.plan.compiled is not None
     with torch.no_grad():
         want = eager(x)
         got = compiled(x)

@@ -7,13 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from support import SUPPORTED_IDS, assert_stochastic_depth_kept, load_cached
+from support import SUPPORTED_IDS, assert_stochastic_depth_kept, load_cached, planned
 from vitedge.api import optimize_
 from vitedge.models import load
 from vitedge.models.base import SequenceEncoder
 from vitedge.options import parse_options
-from vitedge.tokens.merge import MergeConfig, bipartite_soft_matching, merge_runner, merge_state, schedule_r
-from vitedge.tokens.runner import TokenState
+from vitedge.plan.sequence import TokenState
+from vitedge.tokens.merge import MergeConfig, bipartite_soft_matching, merge_state, schedule_r
 
 
 def test_neutral_is_bit_identical() -> None:
@@ -22,22 +22,19 @@ def test_neutral_is_bit_identical() -> None:
     with torch.no_grad():
         ref = model(x)
         optimize_(model, MergeConfig(r=0))
-        assert model.block_runner is None
+        assert model.plan is None  # nothing to change: the native blocks run
         assert torch.equal(model(x), ref)
 
 
 @pytest.mark.parametrize("model_id", ["vit4mnist", "timm:deit_tiny_distilled_patch16_224", "hf:clip-vision"])
 def test_vitedge_attention_path_reproduces_native_blocks(model_id: str) -> None:
-    """The runner's own attention (needed for the size bias) equals the native blocks when nothing merges."""
+    """The plan's own block loop (needed for the size bias) equals the native blocks when nothing merges."""
     model = load_cached(model_id)
     x = model.example_input(2)
-    try:
-        with torch.no_grad():
-            ref = model(x)
-            model.block_runner = merge_runner(MergeConfig(r=0, schedule="constant"))
-            out = model(x)
-    finally:
-        model.block_runner = None
+    with torch.no_grad(), planned(model, gates=True):
+        out = model(x)
+    with torch.no_grad():
+        ref = model(x)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -45,13 +42,9 @@ def test_vitedge_attention_path_reproduces_native_blocks(model_id: str) -> None:
 def test_merge_shapes_and_sizes(model_id: str) -> None:
     model = load_cached(model_id)
     x = model.example_input(2)
-    try:
-        with torch.no_grad():
-            model.block_runner = merge_runner(MergeConfig(r=8), track_source=True)
-            out = model(x)
-            state = model.token_state
-    finally:
-        model.block_runner = None
+    with torch.no_grad(), planned(model, MergeConfig(r=8)):
+        out, trace = model.forward_traced(x)
+    state = trace.tokens
     n0 = model.layout.num_tokens
     assert out.shape[0] == 2 and torch.isfinite(out).all()
     assert torch.allclose(state.size.sum(1), torch.full((2, 1), float(n0)))  # sizes sum to the original count
@@ -66,9 +59,9 @@ def test_large_r_is_clamped_not_an_error() -> None:
     model = load("vit4mnist")
     optimize_(model, *parse_options(["merge:r=100"]))
     with torch.no_grad():
-        out = model(model.example_input(3))
+        out, trace = model.forward_traced(model.example_input(3))
     assert out.shape == (3, 10)
-    assert model.token_state.x.shape[1] == 2  # the class token plus everything merged into one
+    assert trace.tokens.x.shape[1] == 2  # the class token plus everything merged into one
 
 
 def test_unsupported_models_refuse_clearly() -> None:

@@ -5,20 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support import SUPPORTED_IDS, load_cached
+from support import SUPPORTED_IDS, load_cached, planned
 from vitedge.api import optimize_
 from vitedge.models import load
 from vitedge.options import parse_options
+from vitedge.plan.sequence import TokenState
 from vitedge.tokens.prune import (
     FUSES,
     SCORERS,
     PruneConfig,
     border_mask,
     prune_blocks,
-    prune_runner,
     prune_state,
 )
-from vitedge.tokens.runner import TokenState
 
 
 def test_neutral_is_bit_identical() -> None:
@@ -36,13 +35,9 @@ def test_prune_every_scorer_every_model(model_id: str, scorer: str, fuse: str) -
     model = load_cached(model_id)
     x = model.example_input(2)
     config = PruneConfig(keep=0.5, scorer=scorer, fuse=fuse)
-    try:
-        with torch.no_grad():
-            model.block_runner = prune_runner(config, track_source=True)
-            out = model(x)
-            state = model.token_state
-    finally:
-        model.block_runner = None
+    with torch.no_grad(), planned(model, config):
+        out, trace = model.forward_traced(x)
+    state = trace.tokens
     n0 = model.layout.num_tokens
     assert torch.isfinite(out).all()
     assert state.x.shape[1] < n0
@@ -56,8 +51,8 @@ def test_border_tokens_survive() -> None:
     model = load("timm:deit_tiny_patch16_224")
     optimize_(model, PruneConfig(keep=0.3, scorer="norm", protect_border=True))
     with torch.no_grad():
-        model(model.example_input(2))
-    idx = model.token_state.index[:, 1:]
+        _, trace = model.forward_traced(model.example_input(2))
+    idx = trace.tokens.index[:, 1:]
     kept = set(idx[0].tolist())
     border = {1 + r * 14 + c for r in range(14) for c in range(14) if r in (0, 13) or c in (0, 13)}
     assert border <= kept

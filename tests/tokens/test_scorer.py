@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import SUPPORTED_IDS, load_cached
+from support import SUPPORTED_IDS, load_cached, planned
 from vitedge.api import optimize_
 from vitedge.models import load
 from vitedge.options import parse_options
-from vitedge.tokens.prune import PruneConfig, attach_scorers, prune_blocks, prune_runner, prune_state
-from vitedge.tokens.runner import TokenState
+from vitedge.plan.sequence import TokenState
+from vitedge.tokens.prune import PruneConfig, attach_scorers, prune_blocks, prune_state
 from vitedge.tokens.scorer import TokenScorers, learned_scores
 
 LEARNED = "prune:keep=0.7,scorer=learned"
@@ -83,12 +83,10 @@ def test_learned_scorer_every_model(model_id: str) -> None:
     config = PruneConfig(keep=0.5, scorer="learned")
     try:
         attach_scorers(model, len(prune_blocks("stages", len(model.blocks))))
-        model.block_runner = prune_runner(config)
-        with torch.no_grad():
-            out = model(x)
-            state = model.token_state
+        with torch.no_grad(), planned(model, config):
+            out, trace = model.forward_traced(x)
+        state = trace.tokens
     finally:
-        model.block_runner = None
         del model.token_scorers
     assert torch.isfinite(out).all()
     assert state.x.shape[1] < model.layout.num_tokens
@@ -99,7 +97,7 @@ def test_learned_scorer_every_model(model_id: str) -> None:
 @pytest.mark.parametrize(
     ("model_id", "message"),
     [
-        ("timm:swin_tiny_patch4_window7_224", "scorer must be one of"),
+        ("timm:swin_tiny_patch4_window7_224", "window_prune"),
         ("timm:eva02_tiny_patch14_224", "rotary"),
     ],
 )
@@ -113,10 +111,12 @@ def test_learned_needs_fusion() -> None:
         parse_options(["prune:keep=0.5,scorer=learned,fuse=false"])
 
 
-def test_runner_without_scorers_is_refused() -> None:
+def test_plan_without_scorers_is_refused() -> None:
     model = load("vit4mnist")
-    model.block_runner = prune_runner(PruneConfig(keep=0.5, scorer="learned"))
-    with pytest.raises(ValueError, match="token_scorers"):
+    with (
+        planned(model, PruneConfig(keep=0.5, scorer="learned")),
+        pytest.raises(ValueError, match="token_scorers"),
+    ):
         model(model.example_input(1))
 
 

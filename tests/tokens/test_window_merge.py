@@ -16,12 +16,12 @@ from vitedge.models import load
 from vitedge.options import parse_options
 from vitedge.tokens.runner import flat_rows
 from vitedge.tokens.window_merge import (
+    WindowMergeConfig,
     _groups,
     _merge,
     _merged_bias,
     _unmerge,
     cell_split,
-    install_window_merging,
     merged_swin_block,
     window_merge_r,
 )
@@ -59,7 +59,7 @@ def test_merging_duplicates_is_exact(block_index: int, r: int) -> None:
 
 def test_swin_merge_keeps_stochastic_depth_in_training() -> None:
     """Token-aware training (``vitedge train -O merge:...``) keeps the blocks' drop-path; eval stays exact."""
-    assert_stochastic_depth_kept("cifar-swin", "merge:r=4")
+    assert_stochastic_depth_kept("cifar-swin", "window_merge:r=4")
 
 
 def test_too_large_r_on_a_shifted_window_is_refused() -> None:
@@ -108,9 +108,9 @@ def test_neutral_and_cost_model() -> None:
     x = base.example_input(1)
     with torch.no_grad():
         ref = base(x)
-        optimize_(base, *parse_options(["merge:r=0"]))
+        optimize_(base, *parse_options(["window_merge:r=0"]))
         assert torch.equal(base(x), ref)
-    merged = optimize_(load(SWIN_T), *parse_options(["merge:r=16"]))
+    merged = optimize_(load(SWIN_T), *parse_options(["window_merge:r=16"]))
     analytic = analyze(merged.arch()).flops
     assert abs(count_flops(merged, x).total / analytic - 1) < 0.01
     assert analytic < 0.8 * analyze(base.arch()).flops
@@ -119,7 +119,7 @@ def test_neutral_and_cost_model() -> None:
 def test_cifar_swin_keeps_its_predictions() -> None:
     """On real CIFAR-10 test images, merging a quarter of each window changes few predictions."""
     base = load("cifar-swin")
-    merged = optimize_(load("cifar-swin"), *parse_options(["merge:r=4"]))
+    merged = optimize_(load("cifar-swin"), *parse_options(["window_merge:r=4"]))
     x, y = next(as_tensor_batches(open_dataset("cifar10", base.preprocess, limit=256), 256))
     with torch.inference_mode():
         p0, p1 = base(x).argmax(-1), merged(x).argmax(-1)
@@ -130,11 +130,13 @@ def test_cifar_swin_keeps_its_predictions() -> None:
 
 def test_swin_merge_refusals() -> None:
     with pytest.raises(ValueError, match="seed schedule"):
-        optimize_(load(SWIN_T), *parse_options(["merge:schedule=seed"]))
+        parse_options(["window_merge:schedule=seed"])
+    with pytest.raises(ValueError, match="no parameter 'keep_norm'"):  # no field that Swin would ignore
+        parse_options(["window_merge:r=4,keep_norm=0"])
     with pytest.raises(ValueError, match="cannot stack"):
-        optimize_(load(SWIN_T), *parse_options(["merge:r=4", "prune:keep=0.5"]))
+        optimize_(load(SWIN_T), *parse_options(["window_merge:r=4", "window_prune:keep=0.5"]))
     with pytest.raises(ValueError, match="cannot stack"):
-        optimize_(load(SWIN_T), *parse_options(["prune:keep=0.5", "merge:r=4"]))
+        optimize_(load(SWIN_T), *parse_options(["window_prune:keep=0.5", "window_merge:r=4"]))
 
 
 def test_merge_and_unmerge_rows_match_an_averaging_matrix() -> None:
@@ -180,9 +182,10 @@ def test_merged_bias_is_the_bias_and_mask_at_the_merged_positions() -> None:
 def test_decreasing_schedule_on_swin_merges_more_early() -> None:
     """``schedule=decreasing`` runs from 2r at the first block to 0 at the last, over all stages; the cost
     model follows it."""
-    model = optimize_(load("cifar-swin"), *parse_options(["merge:r=4,schedule=decreasing"]))
-    assert model.window_tokens is not None
-    kept = [model.window_tokens(i, (4, 4), (16, 16))[0] for i in range(10)]
+    model = optimize_(load("cifar-swin"), *parse_options(["window_merge:r=4,schedule=decreasing"]))
+    assert model.plan is not None
+    steps = [b.window for b in model.plan.blocks]
+    kept = [16 if s is None else s.window_tokens((4, 4), (16, 16))[0] for s in steps]
     assert kept[0] == 16 - 8 and kept[-1] == 16 and kept == sorted(kept)
     x = model.example_input(1)
     analytic = analyze(model.arch()).flops
@@ -210,22 +213,22 @@ def test_merged_block_backward_matches_the_native_block(block_index: int) -> Non
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4)
 
 
-def test_a_plan_needs_one_r_per_block() -> None:
-    with pytest.raises(ValueError, match="one r per block"):
-        install_window_merging(load("cifar-swin"), [4, 4])
+def test_schedule_gives_one_r_per_block() -> None:
+    assert WindowMergeConfig(r=4).per_block(10) == [4] * 10
+    dec = WindowMergeConfig(r=4, schedule="decreasing").per_block(10)
+    assert len(dec) == 10 and dec[0] == 8 and dec[-1] == 0
 
 
 def test_recorded_groups_match_the_windows() -> None:
     """The recorded (H, W) map of the first merging block holds N - r groups per window, each inside one
-    window, for image 0 only; it is recorded afresh on every forward."""
-    model = optimize_(load("cifar-swin"), *parse_options(["merge:r=5"])).eval()
-    model.track_sources = True
+    window, for image 0 only; it is recorded afresh on every traced forward, into that call's trace."""
+    model = optimize_(load("cifar-swin"), *parse_options(["window_merge:r=5"])).eval()
     x = model.example_input(3)
     with torch.inference_mode():
-        model(x)
-        first = model.window_groups
-        model(x)
-    assert first is not None and model.window_groups is not None and torch.equal(first, model.window_groups)
+        _, trace = model.forward_traced(x)
+        first = trace.window_groups
+        _, again = model.forward_traced(x)
+    assert first is not None and again.window_groups is not None and torch.equal(first, again.window_groups)
     assert first.shape == (16, 16)
     windows = first.view(4, 4, 4, 4).permute(0, 2, 1, 3).reshape(16, 16)  # (window, position)
     for w in range(16):

@@ -45,17 +45,28 @@ def test_swin_prune_neutral_and_cost() -> None:
     x = base.example_input(1)
     with torch.no_grad():
         ref = base(x)
-        optimize_(base, *parse_options(["prune:keep=1.0"]))
+        optimize_(base, *parse_options(["window_prune:keep=1.0"]))
         assert torch.equal(base(x), ref)
-    pruned = optimize_(load("timm:swin_tiny_patch4_window7_224"), *parse_options(["prune:keep=0.5"]))
+    pruned = optimize_(load("timm:swin_tiny_patch4_window7_224"), *parse_options(["window_prune:keep=0.5"]))
     analytic = analyze(pruned.arch()).flops
     assert abs(count_flops(pruned, x).total / analytic - 1) < 0.01
     assert analytic < 0.7 * analyze(base.arch()).flops
     assert kept_windows(0.5, 64, 4) == 32 and kept_windows(0.5, 1, 4) == 1
 
 
-def test_swin_refuses_bad_scorers() -> None:
+def test_window_prune_refuses_bad_scorers() -> None:
     with pytest.raises(ValueError, match="whole windows"):
-        optimize_(
-            load("timm:swin_tiny_patch4_window7_224"), *parse_options(["prune:keep=0.5,scorer=entropy"])
-        )
+        parse_options(["window_prune:keep=0.5,scorer=entropy"])
+
+
+@pytest.mark.parametrize("option", ["prune:keep=0.5", "merge:r=4", "adaptive"])
+def test_sequence_options_on_swin_name_the_window_options(option: str) -> None:
+    """One option name, one meaning: token pruning and merging refuse Swin and say what to use there."""
+    with pytest.raises(ValueError, match=r"window_merge.*window_prune"):
+        optimize_(load_cached("timm:swin_tiny_patch4_window7_224"), *parse_options([option]))
+
+
+@pytest.mark.parametrize("option", ["window_prune:keep=0.5", "window_merge:r=4"])
+def test_window_options_refuse_sequence_models(option: str) -> None:
+    with pytest.raises(ValueError, match="windows of Swin"):
+        optimize_(load("vit4mnist"), *parse_options([option]))

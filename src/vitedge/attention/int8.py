@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
-from vitedge.api import register
+from vitedge.api import Composition, register
 from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.plan import PlanBuilder
 
 GRANULARITIES = ("token", "head")
 SOFTMAX_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -148,7 +148,31 @@ def int8_attention(
 
 
 # --- technique -------------------------------------------------------------------------------------
-@register("int8attn")
+@dataclass(frozen=True, kw_only=True)
+class Int8AttentionStep:
+    """The attention step of a block: :func:`int8_attention` with ``config``."""
+
+    config: Int8AttnConfig
+    label: str
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        return int8_attention(q, k, v, attn_mask, scale, config=self.config)
+
+
+def int8attn_steps(model: Encoder, config: Int8AttnConfig, plan: PlanBuilder) -> None:
+    step = Int8AttentionStep(config=config, label=plan.current)
+    for i in range(plan.depth):
+        plan.set_block(i, "attention", step)
+
+
+@register("int8attn", steps=int8attn_steps, compose=Composition(fills=frozenset({"attention"})))
 def _apply_int8attn(model: Encoder, config: Int8AttnConfig) -> None:
     if not isinstance(model, SequenceEncoder):
         raise ValueError(
@@ -162,6 +186,3 @@ def _apply_int8attn(model: Encoder, config: Int8AttnConfig) -> None:
             f"int8attn cannot run on {model.model_id}: its rotary position embeddings (EVA) are applied "
             "inside timm's attention, which vitedge's attention loop does not reproduce"
         )
-    if model.attention_kernel is not None:
-        raise ValueError("int8attn is already applied (or another attention kernel is installed)")
-    model.attention_kernel = partial(int8_attention, config=config)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vitedge.api import register
+from vitedge.api import Composition, register
 from vitedge.models.base import Encoder
+from vitedge.plan import PlanBuilder
 
 MODES = ("cast", "autocast")
 
@@ -29,11 +30,14 @@ class Bf16Config:
             raise ValueError(f"bf16 mode must be one of {MODES}, got {self.mode!r}")
 
 
-@register("bf16")
+def bf16_steps(model: Encoder, config: Bf16Config, plan: PlanBuilder) -> None:
+    if config.mode == "autocast":
+        plan.set_model("autocast", torch.bfloat16)
+
+
+@register("bf16", steps=bf16_steps, compose=Composition(fills=frozenset({"autocast"})))
 def _apply_bf16(model: Encoder, config: Bf16Config) -> None:
     if model.compute_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"bf16 needs a floating-point model, this one computes in {model.compute_dtype}")
     if config.mode == "cast":
         model.to(torch.bfloat16)
-    else:
-        model.autocast_dtype = torch.bfloat16

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitedge.api import register
+from vitedge.api import Composition, register
 from vitedge.compress.calibration import calibration_batches
 from vitedge.compress.qlinear import is_plain_linear
 from vitedge.models.base import AttentionView, Encoder
@@ -37,8 +37,9 @@ IMPORTANCE: dict[str, Importance] = {
     "random": lambda w: torch.rand(w.shape[0], generator=torch.Generator().manual_seed(0)),
 }
 CHANNEL_ALIGN = 8  # keep MLP widths a multiple of this: GEMM kernels block by 8/16
-# Encoder hooks that replace the native block loop (see block_similarity)
-_LOOP_HOOKS = ("block_runner", "attention_kernel", "batch_router")
+_FLOAT_LAYERS = "structured removes heads and channels of float nn.Linear layers, which {} replaces"
+# Techniques that must come after structured pruning in a stack
+MUST_FOLLOW = {q: _FLOAT_LAYERS.format(q) for q in ("int8", "int8wo", "int4", "mixed")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,22 +141,18 @@ def block_similarity(model: Encoder, batches: list[torch.Tensor]) -> torch.Tenso
 
         return fn
 
-    # The hooks fire only when the native blocks run; a block runner or attention kernel installed earlier
-    # in -O (merge, prune, adaptive, int8attn) bypasses them, so calibration runs without those.
-    bypassed = {a: getattr(model, a) for a in _LOOP_HOOKS if getattr(model, a, None) is not None}
-    for a in bypassed:
-        setattr(model, a, None)
+    # The hooks fire when the native blocks run, so calibration runs them (native=True) whatever plan
+    # steps earlier -O options (merge, prune, adaptive, int8attn) added.
     handles = [v.module.register_forward_hook(hook(i)) for i, v in enumerate(views)]
     try:
         with torch.inference_mode():
             for x in batches:
-                model(x)
+                model.check_input(x)
+                model.logits(x.to(model.compute_dtype), native=True)
                 count += x.shape[0]
     finally:
         for h in handles:
             h.remove()
-        for a, value in bypassed.items():
-            setattr(model, a, value)
     return sims / max(count, 1)
 
 
@@ -168,7 +165,7 @@ def _ordinary_parameters(model: nn.Module) -> None:
                 module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
 
 
-@register("structured")
+@register("structured", compose=Composition(after=MUST_FOLLOW))
 def _apply_structured(model: Encoder, config: StructuredConfig) -> None:
     with torch.inference_mode(False), torch.enable_grad():
         _ordinary_parameters(model)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vitedge.api import describe, optimize_
+from vitedge.api import RUNTIME_ONLY, build_plan, config_name, describe, optimize_
 from vitedge.commands import variant_name
 from vitedge.compress.quant import quantizable_linears
 from vitedge.export.graph import EXPORTERS, export_graph, quantize_graph
@@ -134,7 +134,9 @@ def run_export(
     try:
         enc = load(model_id, weights=weights, img_size=img_size)
         refuse_applied(model_id, enc.applied)
-        enc.compiled_logits = None  # a saved directory's compile: export the eager model
+        # a saved directory's compile: export the eager model
+        enc.applied = [c for c in enc.applied if config_name(c) not in RUNTIME_ONLY]
+        enc.plan = build_plan(enc)
         optimize_(enc, *plan.graph_configs).eval()
         x, check_data = check_inputs(enc, data, check_n)
         with tempfile.TemporaryDirectory(prefix="vitedge-export-") as tmp:

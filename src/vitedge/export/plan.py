@@ -2,9 +2,9 @@
 
 Three kinds of option:
 
-- graph options (``structured``, ``merge``, ``prune``, ``sparse``) change the torch model in ways
-  ``torch.onnx`` exports; they are applied with :func:`vitedge.optimize_` before the export, in the order
-  given;
+- graph options (``structured``, ``merge``, ``prune``, ``window_merge``, ``window_prune``, ``sparse``)
+  change the torch model in ways ``torch.onnx`` exports; they are applied with :func:`vitedge.optimize_`
+  before the export, in the order given;
 - quantisers (``int8``, ``int8wo``, ``int4``) map to ONNX Runtime's own quantisation of the exported fp32
   graph, because vitedge's torch INT8 modules (fbgemm) do not export. They run after every graph option,
   wherever they sit in the stack;
@@ -18,7 +18,7 @@ from typing import Any
 
 from vitedge.api import RUNTIME_ONLY, config_name, describe
 
-GRAPH_OPTIONS = ("structured", "merge", "prune", "sparse")
+GRAPH_OPTIONS = ("structured", "merge", "prune", "window_merge", "window_prune", "sparse")
 QUANTIZERS = ("int8", "int8wo", "int4")
 REFUSALS = {
     "bf16": (

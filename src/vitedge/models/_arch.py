@@ -130,7 +130,7 @@ def vit_arch(
             extra_params=embed_extra,
         )
     ]
-    plan = enc.token_plan(enc) if isinstance(enc, SequenceEncoder) and enc.token_plan is not None else None
+    plan = enc.plan.block_tokens(enc) if isinstance(enc, SequenceEncoder) and enc.plan is not None else None
     layers += global_block_layers(enc, tokens=tokens, dim=dim, fused=fused, plan=plan)
     final_tokens = plan[-1].tokens_out if plan else tokens
     head_ops: list[LinearOp | AttnOp] = []

@@ -9,14 +9,16 @@ for the cost model. Concrete model classes are known only to the adapters in thi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from vitedge.models.spec import ArchSpec, BlockTokens
+from vitedge.models.spec import ArchSpec
+
+if TYPE_CHECKING:  # the plan is built outside this package; an encoder only holds and calls it
+    from vitedge.plan import ExecutionPlan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +133,17 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class Trace:
+    """Side outputs of one forward, recorded only on request (:meth:`Encoder.forward_traced`) and kept only
+    by the caller: never on the model, so concurrent calls and deep copies do not see each other's."""
+
+    sources: bool = True  # ask token reducers to track which original tokens each token holds
+    tokens: Any = None  # the final token state of a token-reducing plan (vitedge.plan.sequence.TokenState)
+    window_groups: torch.Tensor | None = None  # (H, W) group ids in the first merging Swin block, image 0
+    keep: torch.Tensor | None = None  # (B,) keep rate each image got from a batch router (adaptive)
+
+
 class Encoder(nn.Module):
     """A vision encoder behind one uniform view. ``forward`` returns logits (or pooled features)."""
 
@@ -145,18 +158,15 @@ class Encoder(nn.Module):
         self.layout = layout
         # The technique configs applied by vitedge.optimize_, in order; part of the cache namespace.
         self.applied: list[Any] = []
-        # Ask token-reducing runners to record which original tokens each token holds (show-tokens).
-        self.track_sources = False
-        # Set by the bf16 technique in autocast mode: run the forward under torch.autocast with this dtype.
-        self.autocast_dtype: torch.dtype | None = None
-        # Set by techniques that split a batch (complexity-adaptive keep rates): computes the logits itself.
-        self.batch_router: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
-        # Set by the compile technique: torch.compile'd ``type(self).logits``, called as f(self, x) instead.
-        # It takes the encoder as an argument rather than binding it, so a deep copy runs its own modules.
-        self.compiled_logits: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+        # How the forward runs, built by vitedge.optimize_ from ``applied`` (vitedge.plan); None: natively.
+        self.plan: ExecutionPlan | None = None
 
     # --- subclasses implement -------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) -> (B, N, D)
+    def forward_features(
+        self, x: torch.Tensor, trace: Trace | None = None, *, native: bool = False
+    ) -> torch.Tensor:  # x: (B, C, H, W) -> (B, N, D)
+        """Features under the execution plan (``native``: the wrapped library's own blocks, plan ignored);
+        a ``trace`` collects the plan's side outputs of this call."""
         raise NotImplementedError
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, num_classes)
@@ -181,21 +191,36 @@ class Encoder(nn.Module):
         """Logits (or pooled features) in float32, whatever precision the encoder computes in."""
         self.check_input(x)
         x = x.to(self.compute_dtype)
-        if self.compiled_logits is not None:
-            return self.compiled_logits(self, x).float()
+        if self.plan is not None and self.plan.compiled is not None:
+            return self.plan.compiled(self, x).float()
         return self.logits(x).float()
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in compute_dtype -> (B, classes)
-        """The model's output in its compute dtype, under autocast when a technique asked for it."""
-        if self.autocast_dtype is not None:
-            with torch.autocast("cpu", dtype=self.autocast_dtype):
-                return self._logits(x)
-        return self._logits(x)
+    def forward_traced(self, x: torch.Tensor, *, sources: bool = True) -> tuple[torch.Tensor, Trace]:
+        """``forward`` (eagerly) plus what the plan's steps record for this one call (token groups for
+        ``show-tokens``, per-image keep rates); ``sources`` asks token reducers to track which original
+        tokens each token holds."""
+        self.check_input(x)
+        trace = Trace(sources=sources)
+        return self.logits(x.to(self.compute_dtype), trace).float(), trace
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.batch_router is not None:
-            return self.batch_router(self, x)
-        return self.forward_head(self.forward_features(x))
+    def logits(
+        self, x: torch.Tensor, trace: Trace | None = None, *, native: bool = False
+    ) -> torch.Tensor:  # (B, C, H, W) in compute_dtype -> (B, classes)
+        """The model's output in its compute dtype, under the plan's autocast when it has one."""
+        if self.autocast_dtype is not None:
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+                return self._logits(x, trace, native)
+        return self._logits(x, trace, native)
+
+    def _logits(self, x: torch.Tensor, trace: Trace | None, native: bool) -> torch.Tensor:
+        if not native and self.plan is not None and self.plan.router is not None:
+            return self.plan.router(self, x, trace)
+        return self.forward_head(self.forward_features(x, trace, native=native))
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the plan runs the forward under ``torch.autocast`` with (None: no autocast)."""
+        return None if self.plan is None else self.plan.autocast
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -244,37 +269,19 @@ class Encoder(nn.Module):
         return f"model_id={self.model_id!r}, layout={self.layout}"
 
 
-BlockRunner = Callable[["SequenceEncoder", torch.Tensor], torch.Tensor]
-# Called like F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale): q, k, v (B, H, N, d),
-# an additive score bias broadcastable to (B, H, N, N) or None -> (B, H, N, d).
-AttentionKernel = Callable[..., torch.Tensor]
-
-
 class SequenceEncoder(Encoder):
     """An encoder whose blocks all run on one token sequence (ViT, DeiT, CLIP, SigLIP, EVA, ViT4MNIST).
 
     ``forward_features`` is ``final_norm(blocks(embed(x)))``. The block loop belongs to vitedge rather than to
-    the wrapped library, so a technique can replace it: token merging and pruning install a ``block_runner``
-    that walks :attr:`blocks` with fewer tokens. Without one, the native block modules run unchanged, so the
-    output is bit-identical to the wrapped model's.
+    the wrapped library, so the execution plan can run it (:mod:`vitedge.plan.sequence`): fewer tokens,
+    another attention product. Without a plan, or with one that changes no block, the native block modules
+    run unchanged, so the output is bit-identical to the wrapped model's.
     """
-
-    def __init__(self, *, info: ModelInfo, preprocess: Preprocess, layout: TokenLayout) -> None:
-        super().__init__(info=info, preprocess=preprocess, layout=layout)
-        self.block_runner: BlockRunner | None = None
-        # What a token-reducing runner left after the last forward (tokens, sizes, sources); for drawing.
-        self.token_state: Any = None
-        # Set with block_runner: the tokens each block sees, so arch() (and the cost model) stay truthful.
-        self.token_plan: Callable[[SequenceEncoder], list[BlockTokens]] | None = None
-        # Set by techniques that replace the attention product (int8attn): vitedge's block loop calls it
-        # instead of its default (vitedge.attention.batched.attention), with or without a block_runner.
-        self.attention_kernel: AttentionKernel | None = None
 
     def final_token_count(self) -> int:
         """Tokens leaving the last block (fewer than ``layout.num_tokens`` under merging or pruning)."""
-        if self.token_plan is None:
-            return self.layout.num_tokens
-        return self.token_plan(self)[-1].tokens_out
+        counts = None if self.plan is None else self.plan.block_tokens(self)
+        return self.layout.num_tokens if counts is None else counts[-1].tokens_out
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D) with prefix tokens
         raise NotImplementedError
@@ -288,6 +295,12 @@ class SequenceEncoder(Encoder):
     def call_block(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
 
+    def native_blocks(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        """The wrapped library's own block modules, in order."""
+        for module in self.block_modules():
+            x = self.call_block(module, x)
+        return x
+
     def check_size(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(
@@ -295,18 +308,16 @@ class SequenceEncoder(Encoder):
                 "load it with img_size= (CLI: --img-size)"
             )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N', D)
+    def forward_features(
+        self, x: torch.Tensor, trace: Trace | None = None, *, native: bool = False
+    ) -> torch.Tensor:  # (B, C, H, W) -> (B, N', D)
         self.check_input(x)
         self.check_size(x)
         x = self.embed(x)
-        if self.block_runner is not None:
-            x = self.block_runner(self, x)
-        elif self.attention_kernel is not None:
-            # The native blocks call their own SDPA, so a replaced kernel needs vitedge's block loop.
-            from vitedge.tokens.runner import run_blocks
-
-            x = run_blocks(self, x)
-        else:
-            for module in self.block_modules():
-                x = self.call_block(module, x)
+        plan = None if native else self.plan
+        if plan is not None:
+            return self.final_norm(plan.run_blocks(self, x, trace))
+        # native_blocks, inline: the activation-memory model is checked byte for byte against this form
+        for module in self.block_modules():
+            x = self.call_block(module, x)
         return self.final_norm(x)

@@ -16,7 +16,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from vitedge.models._arch import param_count
-from vitedge.models.base import BlockView, Encoder, ModelInfo, Preprocess, TokenLayout
+from vitedge.models.base import BlockView, Encoder, ModelInfo, Preprocess, TokenLayout, Trace
 from vitedge.models.spec import ArchSpec, LayerSpec, LinearOp
 from vitedge.models.timm_models import TimmSwin, TimmVit
 
@@ -232,7 +232,9 @@ class CifarResNet(Encoder):
         )
         self.model = model
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, h*w, C)
+    def forward_features(
+        self, x: torch.Tensor, trace: Trace | None = None, *, native: bool = False
+    ) -> torch.Tensor:  # (B, C, H, W) -> (B, h*w, C); a convolutional net: no plan steps, nothing traced
         self.check_input(x)
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(

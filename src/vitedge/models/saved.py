@@ -49,6 +49,40 @@ def write_optimized(
     (out / MANIFEST).write_text(json.dumps({"format": 1, **manifest}, indent=2) + "\n")
 
 
+def save(encoder: Encoder, out: str | Path) -> Path:
+    """Write ``encoder`` (optimised or not) as a model directory that ``vitedge.load(out)`` reloads with the
+    same weights and the same ``-O`` stack.
+
+    The weights are saved as they are now (``weights_after`` = every applied option), so fine-tuned or
+    wrapped models keep theirs. Reloading rebuilds the skeleton from the base id (``timm:<name>`` with the
+    classifier resized, a project id, ``vit4mnist``, ``hf:...``) and re-applies the stack before loading the
+    weights, so a stack whose layer shapes depend on calibration data (``mixed``) or a Hugging Face module
+    whose config is not its id's default may not fit; loading then says so.
+
+    Raises:
+        ValueError: ``out`` exists, is not empty and holds no vitedge model directory.
+    """
+    from vitedge import __version__
+    from vitedge.api import config_to_dict, describe
+    from vitedge.models import parse_model_id
+
+    out = Path(out)
+    base = str(encoder.info.extra.get("base", encoder.model_id))
+    source, _ = parse_model_id(base)
+    manifest: dict[str, Any] = {
+        "vitedge_version": __version__,
+        "base": base,
+        "img_size": encoder.img_size[0] if source == "timm" else None,
+        "configs": [config_to_dict(c) for c in encoder.applied],
+        "weights_after": len(encoder.applied),
+        "name": " ".join(describe(c) for c in encoder.applied) or "baseline",
+    }
+    if source in ("timm", "project"):  # the skeleton is built with this classifier width
+        manifest["num_classes"] = encoder.info.num_classes
+    write_optimized(out, encoder, manifest=manifest)
+    return out
+
+
 def load_optimized(path: Path, manifest: dict[str, Any]) -> Encoder:
     from vitedge.api import config_from_dict, optimize_
     from vitedge.models import load
@@ -83,5 +117,6 @@ def load_optimized(path: Path, manifest: dict[str, Any]) -> Encoder:
             f"{weights} does not fit the model {path}/{MANIFEST} describes: {str(e)[:300]}"
         ) from None
     optimize_(enc, *configs[k:])
-    enc.info = ModelInfo(**{**enc.info.__dict__, "model_id": str(path)})
+    extra = {**enc.info.extra, "base": manifest["base"]}
+    enc.info = ModelInfo(**{**enc.info.__dict__, "model_id": str(path), "extra": extra})
     return enc.eval()

@@ -1,9 +1,9 @@
 """timm's SwinTransformer behind the Encoder view: windowed and shifted-window attention, patch merging.
 
 vitedge runs the stages itself (patch embedding, per stage a patch merge then the blocks, final norm), the
-same steps as timm's ``forward_features``, so a technique can replace how one block runs (window pruning in
-:mod:`vitedge.tokens.windows`). The window plumbing that needs timm internals (relative position bias, the
-shifted-window mask) is exposed here as :class:`SwinBlockParts`.
+same steps as timm's ``forward_features``, so the execution plan's window step of a block (window pruning,
+window merging) can replace how that block runs. The window plumbing that needs timm internals (relative
+position bias, the shifted-window mask) is exposed here as :class:`SwinBlockParts`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vitedge.models._arch import linear_ops, param_count
 from vitedge.models._timm_common import attention_view, preprocess_of
-from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, TokenLayout
+from vitedge.models.base import AttentionView, BlockView, Encoder, ModelInfo, TokenLayout, Trace
 from vitedge.models.spec import ArchSpec, AttnOp, LayerSpec, LinearOp
 
-WindowTokens = Callable[[int, tuple[int, int], tuple[int, int]], tuple[int, int]]
+if TYPE_CHECKING:
+    from vitedge.plan import WindowStep
+
+# block index -> the window step of the execution plan for that block (None: the native block)
+WindowSteps = Callable[[int], "WindowStep | None"]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -60,23 +64,15 @@ class TimmSwin(Encoder):
         )
         self.model = model
         self.final_grid = tuple(model.layers[-1].output_resolution)
-        # Set by window pruning: runs one block (given its global index) instead of the native module.
-        self.block_runner: Callable[[TimmSwin, int, nn.Module, torch.Tensor], torch.Tensor] | None = None
-        # Windows each block computes (global block index, windows per image) -> kept; for arch().
-        self.window_plan: Callable[[int, int], int] | None = None
-        # Set by window merging: (global block index, window, grid) -> (tokens computed per window,
-        # destination tokens each source is compared with, 0 when the block does not merge); for arch().
-        self.window_tokens: WindowTokens | None = None
-        # Window merging records here, when ``track_sources`` is set, the (H, W) group id of every position
-        # in the first block that merges (for show-tokens); ids are unique across the windows of image 0.
-        self.window_groups: torch.Tensor | None = None
 
     @property
     def stage_depths(self) -> tuple[int, ...]:
         """Blocks per stage; block indices run over the stages in order."""
         return tuple(len(stage.blocks) for stage in self.model.layers)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(
+        self, x: torch.Tensor, trace: Trace | None = None, *, native: bool = False
+    ) -> torch.Tensor:  # (B, C, H, W) -> (B, N, C); each block by the plan's window step, if it has one
         self.check_input(x)
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(
@@ -84,13 +80,13 @@ class TimmSwin(Encoder):
                 "load it with img_size= (CLI: --img-size)"
             )
         m = self.model
-        self.window_groups = None  # recorded afresh by window merging when track_sources is set
+        plan = None if native else self.plan
         x = m.patch_embed(x)  # (B, H, W, C)
         i = 0
         for stage in m.layers:
             x = stage.downsample(x)
             for block in stage.blocks:
-                x = block(x) if self.block_runner is None else self.block_runner(self, i, block, x)
+                x = block(x) if plan is None else plan.run_window_block(self, i, block, x, trace)
                 i += 1
         return m.norm(x).flatten(1, 2)
 
@@ -163,8 +159,13 @@ class TimmSwin(Encoder):
             )
         ]
         first = 0
+        plan = self.plan
+
+        def steps(i: int) -> WindowStep | None:
+            return None if plan is None else plan.blocks[i].window
+
         for s, stage in enumerate(m.layers):
-            layers += _swin_stage_layers(s, stage, first, self.window_plan, self.window_tokens)
+            layers += _swin_stage_layers(s, stage, first, steps)
             first += len(stage.blocks)
         fh, fw = self.final_grid
         head_ops = linear_ops("head", m.head, 1)
@@ -191,16 +192,10 @@ class TimmSwin(Encoder):
         )
 
 
-def _swin_stage_layers(
-    s: int,
-    stage: Any,
-    first: int,
-    window_plan: Callable[[int, int], int] | None,
-    window_tokens: WindowTokens | None = None,
-) -> list[LayerSpec]:
-    """Layers of stage ``s`` whose first block has global index ``first``; ``window_plan`` gives the windows
-    a block computes when window pruning skips some (their tokens then also skip the MLP), ``window_tokens``
-    the tokens per window a block computes when window merging folds some (plus the matching products)."""
+def _swin_stage_layers(s: int, stage: Any, first: int, steps: WindowSteps) -> list[LayerSpec]:
+    """Layers of stage ``s`` whose first block has global index ``first``; a block's window step (``steps``)
+    gives the windows it computes when window pruning skips some (their tokens then also skip the MLP) and
+    the tokens per window when window merging folds some (plus the matching products)."""
     layers: list[LayerSpec] = []
     in_h, in_w = stage.input_resolution
     h, w = stage.output_resolution
@@ -222,11 +217,11 @@ def _swin_stage_layers(
         wh, ww = b.window_size
         hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
         windows = (hp // wh) * (wp // ww)
-        if window_plan is not None:
-            windows = window_plan(first + j, windows)
         n, nd = wh * ww, 0
-        if window_tokens is not None:
-            n, nd = window_tokens(first + j, (wh, ww), (h, w))
+        step = steps(first + j)
+        if step is not None:
+            windows = step.windows(windows)
+            n, nd = step.window_tokens((wh, ww), (h, w))
         active = min(windows * n, h * w)  # tokens that run the MLP (padding never does)
         a = attention_view(b.attn)
         name = f"layers.{s}.blocks.{j}"

@@ -130,3 +130,25 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
             str(row["batch"]),
         )
     return t
+
+
+def print_plan(r: dict[str, Any], console: Console) -> None:
+    """The execution plan of ``vitedge optimize --explain``: one row per block, then whole-model steps.
+    The gate and exit columns show only when some block fills them."""
+    blocks = r["blocks"]
+    slots = [s for s in ("gate", "exit") if any(b[s] for b in blocks)]
+    t = Table(title=f"{r['model']} ({r['name']}): execution plan, per image")
+    numeric = ("block", "stage", "tokens in", "tokens out", "MACs")
+    for col in ("block", "stage", "tokens in", "tokens out", "kernel", "reducer", *slots, "MACs"):
+        t.add_column(col, justify="right" if col in numeric else "left", no_wrap=True)
+    for b in blocks:
+        cells = [str(b["block"]), str(b["stage"]), str(b["tokens_in"]), str(b["tokens_out"]), b["kernel"]]
+        cells += [b["reducer"] or "", *(b[s] or "" for s in slots), _g(b["macs"])]
+        t.add_row(*cells)
+    console.print(t)
+    s = r["steps"]
+    console.print(
+        f"compute {s['compute_dtype']}  autocast {s['autocast'] or '-'}  router {s['router'] or '-'}  "
+        f"compiled {s['compiled'] or '-'}  weights changed by {', '.join(s['weights']) or '-'}"
+    )
+    console.print(f"MACs {_g(r['macs'])}  FLOPs {_g(r['flops'])}  params {_g(r['params'])}")

@@ -12,9 +12,10 @@ input checks and the dtype casts at the edges stay eager, so bad input still get
 Compilation is lazy: the first call of each new input shape compiles (about a minute on 2 CPU cores for
 cifar-vit), later calls reuse it. With ``dynamic=0`` (the default) torch compiles the first shape
 statically and recompiles once with a symbolic batch when a second batch size arrives; ``dynamic=1`` starts
-symbolic. ``compile`` must be the last option of a stack (:func:`vitedge.optimize_` refuses anything
-after it), so no technique changes or runs the model under a compiled graph while it is being applied, and
-it refuses to follow ``adaptive`` and ``int8attn`` (:data:`NOT_COMPILABLE`). The feature cache and video
+symbolic. ``compile`` is the execution plan's *compiled* step and must be the last option of a stack
+(:func:`vitedge.optimize_` refuses anything after it), so no technique changes or runs the model under a
+compiled graph while it is being applied, and it refuses to follow ``adaptive`` and ``int8attn``
+(:data:`NOT_COMPILABLE`). The feature cache and video
 reuse call the encoder's feature path directly and run eagerly; the cache namespace leaves ``compile`` out.
 
 Outputs match the eager model within floating-point tolerance, not bit for bit: fused kernels round in a
@@ -32,8 +33,9 @@ from typing import Any
 
 import torch
 
-from vitedge.api import config_name, describe, register
+from vitedge.api import Composition, register
 from vitedge.models.base import Encoder
+from vitedge.plan import PlanBuilder
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -86,19 +88,24 @@ def private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     return twin
 
 
-@register("compile")
+def compile_steps(model: Encoder, config: CompileConfig, plan: PlanBuilder) -> None:
+    plan.set_model(
+        "compiled",
+        torch.compile(
+            private_copy(type(model).logits), mode=config.mode, dynamic=True if config.dynamic else None
+        ),
+    )
+
+
+@register(
+    "compile",
+    steps=compile_steps,
+    compose=Composition(fills=frozenset({"compiled"}), last=True, not_after=NOT_COMPILABLE),
+)
 def _apply_compile(model: Encoder, config: CompileConfig) -> None:
-    # A second compile never gets here: optimize_ refuses every option after compile.
-    for applied in model.applied:
-        reason = NOT_COMPILABLE.get(config_name(applied))
-        if reason:
-            raise ValueError(f"-O compile cannot follow -O {describe(applied)}: {reason}; drop one of them")
     uses_cpu = all(p.device.type == "cpu" for p in model.parameters())
     if uses_cpu and cxx_compiler() is None:
         raise ValueError(
             "compile on CPU needs a C++ compiler for torch's Inductor backend (install g++, or set CXX); "
             "drop -O compile to run eagerly"
         )
-    model.compiled_logits = torch.compile(
-        private_copy(type(model).logits), mode=config.mode, dynamic=True if config.dynamic else None
-    )

@@ -6,17 +6,22 @@ histograms of its patches (flat sky: low; foliage, text: high), mapped linearly 
 ``buckets`` levels, the images of each level run together through the pruning runner with that keep rate, and
 the outputs are put back in input order. Grouping keeps every sub-batch dense (no padding, no masks), at the
 cost of one forward per distinct level present in the batch.
+
+In the execution plan this is the whole-model *router* step (:class:`AdaptiveRouter`): each group runs the
+encoder's plan with ``prune``'s reducers for its keep rate added, so an attention step stacked before or
+after (``int8attn``) applies in every group.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from vitedge.api import register
-from vitedge.models.base import Encoder, SequenceEncoder
-from vitedge.tokens.prune import SCORERS, PruneConfig, prune_runner
+from vitedge.api import Composition, register
+from vitedge.models.base import Encoder, SequenceEncoder, Trace
+from vitedge.plan import ExecutionPlan, PlanBuilder
+from vitedge.tokens.prune import SCORERS, PruneConfig, prune_steps
 from vitedge.tokens.runner import check_supported
 
 HIST_BINS = 16
@@ -80,41 +85,62 @@ def keep_rates(config: AdaptiveConfig, x: torch.Tensor, patch: int) -> torch.Ten
     return levels[(raw[:, None] - levels[None]).abs().argmin(1)]
 
 
-def adaptive_forward(encoder: SequenceEncoder, config: AdaptiveConfig, x: torch.Tensor) -> torch.Tensor:
-    """Logits (B, K) with each group of images pruned at its own keep rate, in input order."""
-    patch = encoder.img_size[0] // encoder.layout.grid[0]
-    keeps = keep_rates(config, x, patch)
-    out: torch.Tensor | None = None
-    previous = encoder.block_runner
-    try:
+def level_plan(encoder: SequenceEncoder, plan: ExecutionPlan, prune: ExecutionPlan | None) -> ExecutionPlan:
+    """``plan`` (the encoder's, router dropped) with the reducers of ``prune`` (one keep level) added."""
+    if prune is None:
+        return replace(plan, router=None)
+    blocks = tuple(
+        b if p.reducer is None else replace(b, reducer=p.reducer)
+        for b, p in zip(plan.blocks, prune.blocks, strict=True)
+    )
+    return replace(plan, blocks=blocks, tokens=prune.tokens, router=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveRouter:
+    """The router step: group a batch by keep rate and run each group with its level's pruning."""
+
+    config: AdaptiveConfig
+    levels: dict[
+        float, ExecutionPlan | None
+    ]  # keep rate -> the pruning plan of that level (None: no pruning)
+    label: str
+
+    def __call__(self, encoder: Encoder, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
+        """Logits (B, K) with each group of images pruned at its own keep rate, in input order."""
+        assert isinstance(encoder, SequenceEncoder) and encoder.plan is not None
+        patch = encoder.img_size[0] // encoder.layout.grid[0]
+        keeps = keep_rates(self.config, x, patch)
+        out: torch.Tensor | None = None
         for keep in keeps.unique().tolist():
             idx = (keeps == keep).nonzero().flatten()
-            encoder.block_runner = (
-                None if keep >= 1.0 else prune_runner(PruneConfig(keep=keep, scorer=config.scorer))
-            )
-            y = encoder.forward_head(encoder.forward_features(x[idx]))
+            xs = x[idx]
+            encoder.check_size(xs)
+            plan = level_plan(encoder, encoder.plan, self.levels.get(keep))
+            y = encoder.forward_head(encoder.final_norm(plan.run_blocks(encoder, encoder.embed(xs), trace)))
             if out is None:
                 out = y.new_empty(x.shape[0], *y.shape[1:])
             out[idx] = y
-    finally:
-        encoder.block_runner = previous
-    assert out is not None
-    encoder.token_state = {"keep": keeps}
-    return out
+        assert out is not None
+        if trace is not None:
+            trace.keep = keeps
+        return out
 
 
-@register("adaptive")
-def _apply_adaptive(model: Encoder, config: AdaptiveConfig) -> None:
-    check_supported(model, "adaptive")  # type: ignore[arg-type]
-    assert isinstance(model, SequenceEncoder)
-    if model.block_runner is not None or model.batch_router is not None:
-        raise ValueError(
-            "adaptive cannot stack on another token-reduction technique (merge, prune or adaptive)"
-        )
+def adaptive_steps(model: Encoder, config: AdaptiveConfig, plan: PlanBuilder) -> None:
     if config.min_keep >= 1.0:
         return  # neutral
+    assert isinstance(model, SequenceEncoder)
+    levels: dict[float, ExecutionPlan | None] = {}
+    for keep in torch.tensor(config.levels()).tolist():  # the float32 values keep_rates hands out
+        sub = PlanBuilder(plan.depth)
+        sub.current = plan.current
+        if keep < 1.0:
+            prune_steps(model, PruneConfig(keep=keep, scorer=config.scorer), sub)
+        levels[keep] = sub.build()
+    plan.set_model("router", AdaptiveRouter(config=config, levels=levels, label=plan.current))
 
-    def route(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
-        return adaptive_forward(encoder, config, x)
 
-    model.batch_router = route
+@register("adaptive", steps=adaptive_steps, compose=Composition(fills=frozenset({"router", "reducer"})))
+def _apply_adaptive(model: Encoder, config: AdaptiveConfig) -> None:
+    check_supported(model, "adaptive")

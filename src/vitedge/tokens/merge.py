@@ -13,9 +13,11 @@ Schedules: ``constant`` (``r`` per block), ``decreasing`` (2r at the first block
 same total), or ``seed`` (the seed's keep ratios 100/75/50/25 % of the patch tokens over the four quarters of
 the depth; ``r`` is ignored). An ``r`` larger than a block can merge is clamped there, as in ToMe.
 
-On Swin, ``merge:r=N`` folds ``N`` tokens per window within each block and unmerges them after it
-(:mod:`vitedge.tokens.window_merge`), so the window structure survives; ``constant`` and ``decreasing``
-apply there over the blocks of all stages.
+Swin has its own option, ``window_merge`` (:mod:`vitedge.tokens.window_merge`): there ``r`` counts tokens
+per window, folded within each block and unmerged after it; ``merge`` refuses Swin and says so.
+
+In the execution plan (:mod:`vitedge.plan`), merging fills the *reducer* step of every block whose
+scheduled ``r`` is positive (:class:`MergeReducer`) and sets the token loop's ``prop_attn`` and ``restore``.
 
 MLERP against ToMe's average on the 10,000 CIFAR-10 test images (cifar-vit, fp32 85.29 %): r=3 -0.35 pp
 against -0.46, r=4 -0.53 against -0.61, r=5 -0.77 against -1.02, r=6 -1.37 both; on vit4mnist (97.91 %)
@@ -26,26 +28,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
-from vitedge.api import register
+from vitedge.api import Composition, register
 from vitedge.models.base import Encoder, SequenceEncoder
 from vitedge.models.spec import BlockTokens, LinearOp
-from vitedge.tokens.runner import (
-    AttentionInfo,
-    Needs,
-    TokenState,
-    check_supported,
-    initial_state,
-    ones_size,
-    run_block,
-)
-from vitedge.tokens.window_merge import install_window_merging
+from vitedge.plan import PlanBuilder
+from vitedge.plan.sequence import AttentionInfo, Needs, TokenState, ones_size
+from vitedge.tokens.runner import check_supported
 
 MergeFn = Callable[[torch.Tensor, str], torch.Tensor]
 SCHEDULES = ("constant", "decreasing", "seed")
+MERGE_NEEDS = Needs(keys=True)  # matching compares the attention keys
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int) -> MergeFn:
@@ -151,95 +146,55 @@ class MergeConfig:
             raise ValueError(f"merge:schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
-def merge_runner(config: MergeConfig, *, track_source: bool = False):
-    """A block runner for SequenceEncoder that merges tokens per ``config``; records sources when asked."""
+@dataclass(frozen=True, kw_only=True)
+class MergeReducer:
+    """The reducer step of block ``index``: merge ``r`` tokens (clamped to what the block can merge)."""
 
-    def run(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
-        views = encoder.blocks
-        plan = schedule_r(config, len(views), encoder.layout.num_patches)
-        state = initial_state(
-            encoder,
-            x,
-            track_source=track_source or config.restore or encoder.track_sources,
-            prop_attn=config.prop_attn,
-        )
+    index: int
+    r: int
+    keep_norm: bool
+    label: str
+    needs: Needs = MERGE_NEEDS
 
-        def reduce(i: int, st: TokenState, info: AttentionInfo) -> TokenState:
-            assert info.keys is not None
-            return merge_state(st, info.keys, plan[i], keep_norm=config.keep_norm)
+    @property
+    def detail(self) -> str:
+        return f"merge r={self.r}"
 
-        needs = Needs(keys=True)
-        for i, view in enumerate(views):
-            reducer = reduce if plan[i] > 0 else None
-            state = run_block(view, state, i, reducer, needs, encoder.attention_kernel)
-        encoder.token_state = state  # for show-tokens and restore
-        if config.restore and state.source is not None:
-            # Each original token takes its group's feature: (B, N0, N) @ (B, N, D).
-            return state.source.transpose(1, 2) @ state.x
-        return state.x
+    def reduce(self, encoder: SequenceEncoder, state: TokenState, info: AttentionInfo) -> TokenState:
+        assert info.keys is not None
+        return merge_state(state, info.keys, self.r, keep_norm=self.keep_norm)
 
-    return run
-
-
-def merge_plan(config: MergeConfig, encoder: SequenceEncoder) -> list[BlockTokens]:
-    """Tokens per block under ``config`` (the clamping the runner applies), with the matching products."""
-    views = encoder.blocks
-    p = encoder.layout.num_prefix
-    n = encoder.layout.num_tokens
-    plan: list[BlockTokens] = []
-    for i, r_wanted in enumerate(schedule_r(config, len(views), encoder.layout.num_patches)):
-        r = max(0, min(r_wanted, (n - p) // 2))
+    def tokens(self, encoder: SequenceEncoder, n: int) -> BlockTokens:
+        """``n`` tokens into attention, ``n - r`` into the MLP, with the matching product of set A on B."""
+        p = encoder.layout.num_prefix
+        r = max(0, min(self.r, (n - p) // 2))
         extra: tuple[LinearOp, ...] = ()
-        if r > 0:  # the similarity of set A against set B of the mergeable tokens
+        if r > 0:
             na, nb = (n - p + 1) // 2, (n - p) // 2
-            d = views[i].attn.head_dim
+            d = encoder.blocks[self.index].attn.head_dim
             extra = (
                 LinearOp(
-                    name=f"blocks.{i}.merge.match", tokens=na, in_features=d, out_features=nb, weight=False
+                    name=f"blocks.{self.index}.merge.match",
+                    tokens=na,
+                    in_features=d,
+                    out_features=nb,
+                    weight=False,
                 ),
             )
-        plan.append(BlockTokens(attn_tokens=n, mlp_tokens=n - r, extra=extra))
-        n -= r
-    if config.restore:
-        last = plan[-1]
-        dim = views[-1].attn.proj.out_features
-        n0 = encoder.layout.num_tokens
-        restore = LinearOp(name="restore", tokens=n0, in_features=n, out_features=dim, weight=False)
-        plan[-1] = BlockTokens(
-            attn_tokens=last.attn_tokens,
-            mlp_tokens=last.mlp_tokens,
-            extra=(*last.extra, restore),
-            out_tokens=n0,
-        )
-    return plan
+        return BlockTokens(attn_tokens=n, mlp_tokens=n - r, extra=extra)
 
 
-@register("merge")
-def _apply_merge(model: Encoder, config: MergeConfig) -> None:
-    if model.info.family == "swin":  # merged within windows and unmerged after each block
-        _apply_window_merge(model, config)
-        return
-    check_supported(model, "merge")  # type: ignore[arg-type]
+def merge_steps(model: Encoder, config: MergeConfig, plan: PlanBuilder) -> None:
+    """A :class:`MergeReducer` in every block the schedule merges in."""
     assert isinstance(model, SequenceEncoder)
-    if config.r == 0 and config.schedule != "seed":
-        return  # neutral: the native blocks run untouched, bit-identical
-    if model.block_runner is not None:
-        raise ValueError("merge cannot stack on another token-reduction technique (merge, prune or adaptive)")
-    model.block_runner = merge_runner(config)
-    model.token_plan = lambda enc: merge_plan(config, enc)
+    for i, r in enumerate(schedule_r(config, plan.depth, model.layout.num_patches)):
+        if r > 0:
+            plan.set_block(
+                i, "reducer", MergeReducer(index=i, r=r, keep_norm=config.keep_norm, label=plan.current)
+            )
+    plan.set_tokens(prop_attn=config.prop_attn, restore=config.restore)
 
 
-def _apply_window_merge(model: Encoder, config: MergeConfig) -> None:
-    if config.schedule == "seed":
-        raise ValueError(
-            "on Swin, merge folds r tokens per window in every block and unmerges them after it, so the seed "
-            "schedule (a share of the patches kept per quarter of the depth) does not apply; use constant or "
-            "decreasing"
-        )
-    if config.r == 0:
-        return  # neutral: the native blocks run untouched
-    if getattr(model, "block_runner", None) is not None:
-        raise ValueError("merge cannot stack on another token-reduction technique on this Swin model")
-    depths = cast("tuple[int, ...]", model.stage_depths)  # Swin encoders only
-    plan = schedule_r(config, sum(depths), 0)  # r per block, clamped per window when it runs
-    install_window_merging(model, plan, prop_attn=config.prop_attn)
+@register("merge", steps=merge_steps, compose=Composition(fills=frozenset({"reducer"})))
+def _apply_merge(model: Encoder, config: MergeConfig) -> None:
+    check_supported(model, "merge")

@@ -40,27 +40,17 @@ gentle cuts in every block from the third (``schedule=every,start=2,keep=0.82``)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from vitedge.api import register
+from vitedge.api import Composition, register
 from vitedge.models.base import Encoder, SequenceEncoder
 from vitedge.models.spec import BlockTokens, LinearOp
-from vitedge.tokens.runner import (
-    AttentionInfo,
-    Needs,
-    TokenState,
-    check_supported,
-    flat_rows,
-    initial_state,
-    ones_size,
-    rows_of,
-    run_block,
-)
+from vitedge.plan import PlanBuilder
+from vitedge.plan.sequence import AttentionInfo, Needs, TokenState, ones_size
+from vitedge.tokens.runner import check_supported, flat_rows, rows_of
 from vitedge.tokens.scorer import TokenScorers, scorer_hidden
-from vitedge.tokens.windows import install_window_pruning
 
 SCORERS = ("attn", "attn-value", "norm", "variance", "entropy")  # fixed scorers, no parameters
 LEARNED = "learned"
@@ -261,85 +251,46 @@ class PruneConfig:
             )
 
 
-def prune_runner(
-    config: PruneConfig, *, track_source: bool = False
-) -> Callable[[SequenceEncoder, torch.Tensor], torch.Tensor]:
-    attn_like = config.scorer in ATTN_SCORERS
-    nearest = config.fuse == "nearest"
-    values = config.scorer == "attn-value"
-    needs = Needs(cls_attn=attn_like, attn_rows=config.scorer == "entropy", keys=nearest, values=values)
+@dataclass(frozen=True, kw_only=True)
+class PruneReducer:
+    """The reducer step of block ``index``, the ``ordinal``-th pruning block: keep the ``config.keep``
+    fraction of patch tokens by the configured scorer."""
 
-    def run(encoder: SequenceEncoder, x: torch.Tensor) -> torch.Tensor:
-        views = encoder.blocks
-        at = set(prune_blocks(config.schedule, len(views), config.start))
-        state = initial_state(encoder, x, track_source=track_source or encoder.track_sources)
-        b, n, _ = x.shape
-        state.index = torch.arange(n, device=x.device).expand(b, n)
-        p = state.num_prefix
-        block_needs = needs
-        if attn_like and p == 0:
-            block_needs = Needs(attn_rows=True, keys=nearest, values=values)
-        scorers = attached_scorers(encoder, len(at)) if config.scorer == LEARNED else None
-        ordinal = {b: j for j, b in enumerate(sorted(at))}
+    index: int
+    ordinal: int
+    count: int  # pruning blocks in all (the learned scorer has one MLP each)
+    config: PruneConfig
+    label: str
+    needs: Needs
 
-        def reduce(i: int, st: TokenState, info: AttentionInfo) -> TokenState:
-            if scorers is None:
-                scores = score_tokens(config.scorer, st.x, info, p)
-            else:
-                size = None if st.size is None else st.size[:, p:]
-                prior = score_tokens("attn", st.x, info, p)
-                scores = scorers.scores(ordinal[i], prior, st.x[:, p:], size, training=encoder.training)
-            protect = None
-            if config.protect_border and st.index is not None:
-                protect = border_mask(st.index[:, p:], encoder.layout.grid, p) & (st.index[:, p:] >= p)
-            return prune_state(
-                st, scores, config.keep, fuse=str(config.fuse), keys=info.keys, protect=protect
-            )
+    @property
+    def detail(self) -> str:
+        return f"prune keep={self.config.keep:g} ({self.config.scorer}, fuse={self.config.fuse})"
 
-        for i, view in enumerate(views):
-            state = run_block(
-                view, state, i, reduce if i in at else None, block_needs, encoder.attention_kernel
-            )
-        encoder.token_state = state
-        return state.x
+    def reduce(self, encoder: SequenceEncoder, state: TokenState, info: AttentionInfo) -> TokenState:
+        config, p = self.config, state.num_prefix
+        if config.scorer == LEARNED:
+            scorers = attached_scorers(encoder, self.count)
+            size = None if state.size is None else state.size[:, p:]
+            prior = score_tokens("attn", state.x, info, p)
+            scores = scorers.scores(self.ordinal, prior, state.x[:, p:], size, training=encoder.training)
+        else:
+            scores = score_tokens(config.scorer, state.x, info, p)
+        protect = None
+        if config.protect_border and state.index is not None:
+            idx = state.index[:, p:]
+            protect = border_mask(idx, encoder.layout.grid, p) & (idx >= p)
+        return prune_state(state, scores, config.keep, fuse=str(config.fuse), keys=info.keys, protect=protect)
 
-    return run
-
-
-def attached_scorers(encoder: SequenceEncoder, count: int) -> TokenScorers:
-    """The ``count`` scorer MLPs that ``optimize_`` attached to ``encoder`` for ``prune:scorer=learned``."""
-    scorers = getattr(encoder, "token_scorers", None)
-    if not isinstance(scorers, TokenScorers) or len(scorers.mlps) != count:
-        raise ValueError(
-            f"prune:scorer=learned needs {count} scorer MLPs in encoder.token_scorers; apply it with "
-            "vitedge.optimize_(model, PruneConfig(..., scorer='learned')), which attaches them"
-        )
-    return scorers
-
-
-def attach_scorers(encoder: SequenceEncoder, count: int) -> None:
-    """Register fresh (untrained) scorer MLPs as ``encoder.token_scorers``, so they are in its state dict."""
-    dim = encoder.blocks[0].attn.proj.out_features
-    ref = next(encoder.parameters())
-    scorers = TokenScorers(dim, count).to(device=ref.device, dtype=encoder.compute_dtype)
-    encoder.add_module("token_scorers", scorers)
-
-
-def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockTokens]:
-    """Tokens per block under ``config``, with the score products (class-token or full attention rows)."""
-    views = encoder.blocks
-    at = set(prune_blocks(config.schedule, len(views), config.start))
-    p = encoder.layout.num_prefix
-    gh, gw = encoder.layout.grid
-    border = 2 * (gh + gw) - 4 if config.protect_border else 0
-    rows_needed = config.scorer == "entropy" or (config.scorer in ATTN_SCORERS and p == 0)
-    n = encoder.layout.num_tokens
-    plan: list[BlockTokens] = []
-    for i, view in enumerate(views):
-        if i not in at:
-            plan.append(BlockTokens(attn_tokens=n, mlp_tokens=n))
-            continue
-        a = view.attn
+    def tokens(self, encoder: SequenceEncoder, n: int) -> BlockTokens:
+        """``n`` tokens into attention, the kept ones (plus a fused token) into the MLP, with the score
+        products (class-token or full attention rows), the scorer MLP and the fold's similarity."""
+        config, i = self.config, self.index
+        a = encoder.blocks[i].attn
+        p = encoder.layout.num_prefix
+        gh, gw = encoder.layout.grid
+        border = 2 * (gh + gw) - 4 if config.protect_border else 0
+        rows_needed = config.scorer == "entropy" or (config.scorer in ATTN_SCORERS and p == 0)
         extra: tuple[LinearOp, ...] = ()
         if config.scorer in (*ATTN_SCORERS, "entropy"):
             rows = n if rows_needed else 1
@@ -367,9 +318,51 @@ def prune_plan(config: PruneConfig, encoder: SequenceEncoder) -> list[BlockToken
                     weight=False,
                 ),
             )
-        plan.append(BlockTokens(attn_tokens=n, mlp_tokens=m, extra=extra))
-        n = m
-    return plan
+        return BlockTokens(attn_tokens=n, mlp_tokens=m, extra=extra)
+
+
+def prune_needs(config: PruneConfig, num_prefix: int) -> Needs:
+    """What the pruning blocks need from attention; models without a class token rank by full rows."""
+    attn_like = config.scorer in ATTN_SCORERS
+    nearest = config.fuse == "nearest"
+    values = config.scorer == "attn-value"
+    if attn_like and num_prefix == 0:
+        return Needs(attn_rows=True, keys=nearest, values=values)
+    return Needs(cls_attn=attn_like, attn_rows=config.scorer == "entropy", keys=nearest, values=values)
+
+
+def prune_steps(model: Encoder, config: PruneConfig, plan: PlanBuilder) -> None:
+    """A :class:`PruneReducer` in every block the schedule prunes in; the token loop tracks indices."""
+    assert isinstance(model, SequenceEncoder)
+    if config.keep >= 1.0:
+        return  # neutral: the native blocks run untouched
+    at = prune_blocks(config.schedule, plan.depth, config.start)
+    needs = prune_needs(config, model.layout.num_prefix)
+    for j, i in enumerate(at):
+        reducer = PruneReducer(
+            index=i, ordinal=j, count=len(at), config=config, label=plan.current, needs=needs
+        )
+        plan.set_block(i, "reducer", reducer)
+    plan.set_tokens(track_index=True)
+
+
+def attached_scorers(encoder: SequenceEncoder, count: int) -> TokenScorers:
+    """The ``count`` scorer MLPs that ``optimize_`` attached to ``encoder`` for ``prune:scorer=learned``."""
+    scorers = getattr(encoder, "token_scorers", None)
+    if not isinstance(scorers, TokenScorers) or len(scorers.mlps) != count:
+        raise ValueError(
+            f"prune:scorer=learned needs {count} scorer MLPs in encoder.token_scorers; apply it with "
+            "vitedge.optimize_(model, PruneConfig(..., scorer='learned')), which attaches them"
+        )
+    return scorers
+
+
+def attach_scorers(encoder: SequenceEncoder, count: int) -> None:
+    """Register fresh (untrained) scorer MLPs as ``encoder.token_scorers``, so they are in its state dict."""
+    dim = encoder.blocks[0].attn.proj.out_features
+    ref = next(encoder.parameters())
+    scorers = TokenScorers(dim, count).to(device=ref.device, dtype=encoder.compute_dtype)
+    encoder.add_module("token_scorers", scorers)
 
 
 def scorer_ops(name: str, tokens: int, dim: int) -> tuple[LinearOp, ...]:
@@ -381,24 +374,9 @@ def scorer_ops(name: str, tokens: int, dim: int) -> tuple[LinearOp, ...]:
     )
 
 
-@register("prune")
+@register("prune", steps=prune_steps, compose=Composition(fills=frozenset({"reducer"})))
 def _apply_prune(model: Encoder, config: PruneConfig) -> None:
-    if config.keep >= 1.0:
-        return  # neutral: the native blocks run untouched
-    if model.info.family == "swin":  # whole windows, so the window structure survives
-        if config.fuse == "nearest" or config.start:
-            raise ValueError(
-                "on Swin, prune drops whole windows at the stages' ends; fuse=nearest and start do not apply"
-            )
-        if getattr(model, "block_runner", None) is not None:
-            raise ValueError("prune cannot stack on another token-reduction technique on this Swin model")
-        install_window_pruning(model, config.keep, config.scorer)
-        return
-    check_supported(model, "prune")  # type: ignore[arg-type]
+    check_supported(model, "prune")
     assert isinstance(model, SequenceEncoder)
-    if model.block_runner is not None:
-        raise ValueError("prune cannot stack on another token-reduction technique (merge, prune or adaptive)")
-    if config.scorer == LEARNED:
+    if config.scorer == LEARNED and config.keep < 1.0:
         attach_scorers(model, len(prune_blocks(config.schedule, len(model.blocks), config.start)))
-    model.block_runner = prune_runner(config)
-    model.token_plan = lambda enc: prune_plan(config, enc)

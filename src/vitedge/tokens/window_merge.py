@@ -1,4 +1,4 @@
-"""Token merging for Swin that keeps the window structure (``-O merge:r=...`` on a Swin model).
+"""Token merging for Swin that keeps the window structure (``-O window_merge:r=...``).
 
 ToMe merges tokens for good, which Swin cannot take: its attention needs whole, aligned windows and its patch
 merging needs the whole grid. So here merging is *local and undone* (as ToMe for Stable Diffusion does for
@@ -24,12 +24,13 @@ Per block and window (``N = wh * ww`` tokens):
 4. Unmerge, residual, then the MLP on the same groups (merged again from the updated tokens, since
    LayerNorm and the MLP act per token), unmerged the same way.
 
-``r`` counts tokens per window and block; an ``r`` above what a window can merge (its sources) is clamped
-there, so ``r=8`` is a half of a 4x4 window and a sixth of a 7x7 one. ``schedule=decreasing`` runs from
+``r`` counts tokens per window and block (``merge:r`` on a ViT counts per block of the whole sequence, hence
+the separate name); an ``r`` above what a window can merge (its sources) is clamped there, so ``r=8`` is a
+half of a 4x4 window and a sixth of a 7x7 one. ``schedule=decreasing`` runs from
 ``2r`` at the first block to 0 at the last, over the blocks of all stages. Only the normalised inputs of
-attention and MLP are merged here, never the residual stream, so ``keep_norm`` (MLERP) does not apply.
-Blocks whose grid needs padding to whole windows run natively. Features always come back on the full grid,
-so ``restore`` changes nothing here.
+attention and MLP are merged here, never the residual stream, so there is no ``keep_norm`` (MLERP); blocks
+whose grid needs padding to whole windows run natively; features always come back on the full grid, so
+there is no ``restore``. In the execution plan, each merging block gets a :class:`WindowMergeStep`.
 
 Cost. Every copy is a row copy of the flattened windows: merging is one ``index_add_`` and unmerging one
 ``index_select`` (``gather``/``scatter_add_`` with an index expanded over the channels cost twice as much
@@ -47,18 +48,23 @@ only from -9.1 to -4.4 pp.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from vitedge.api import Composition, register
 from vitedge.attention.batched import bmm_attention
-from vitedge.tokens.runner import flat_rows, split_heads
-from vitedge.tokens.windows import window_partition, window_reverse
+from vitedge.models.base import Encoder, Trace
+from vitedge.plan import PlanBuilder
+from vitedge.plan.sequence import split_heads
+from vitedge.tokens.runner import flat_rows
+from vitedge.tokens.windows import check_swin, window_partition, window_reverse
 
-__all__ = ["cell_split", "install_window_merging", "merged_swin_block", "window_merge_r"]
+__all__ = ["WindowMergeConfig", "WindowMergeStep", "cell_split", "merged_swin_block", "window_merge_r"]
+SCHEDULES = ("constant", "decreasing")
 
 
 @cache
@@ -207,38 +213,80 @@ def merged_swin_block(
     return torch.roll(x, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else x
 
 
-def install_window_merging(model: Any, plan: Sequence[int], *, prop_attn: bool = True) -> None:
-    """Make a Swin encoder (block_parts, block_runner, window_tokens) merge ``plan[i]`` tokens per window in
-    its block ``i`` (global index over the stages).
+@dataclass(frozen=True, kw_only=True)
+class WindowMergeConfig:
+    """``r`` tokens merged per window in every block (0 = off), ``schedule`` (``constant``, or
+    ``decreasing`` from 2r at the first block to 0 at the last, over all stages), ``prop_attn`` for the
+    log-size attention bias."""
 
-    Raises:
-        ValueError: ``plan`` does not hold one count per block.
-    """
-    depth = sum(model.stage_depths)
-    if len(plan) != depth:
-        raise ValueError(f"window merging needs one r per block ({depth}), got {len(plan)}: {list(plan)}")
+    r: int = 0
+    schedule: str = "constant"
+    prop_attn: bool = True
 
-    def run(encoder: Any, i: int, block: Any, x: torch.Tensor) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ValueError(f"window_merge:r must be >= 0, got {self.r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"window_merge:schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r} (the "
+                "seed schedule keeps a share of the patches per quarter of the depth, which a merge undone "
+                "after every block cannot)"
+            )
+
+    def per_block(self, depth: int) -> list[int]:
+        """Tokens to merge per window at each block, before clamping to what a window can merge."""
+        if self.schedule == "constant":
+            return [self.r] * depth
+        return [round(2 * self.r * (1 - i / max(depth - 1, 1))) for i in range(depth)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowMergeStep:
+    """The window step of one Swin block: merge ``r`` tokens per window for its attention and MLP."""
+
+    r: int
+    prop_attn: bool
+    label: str
+    kernel: str = "bmm"  # the merged windows' attention: two batched products on CPU (fused SDPA elsewhere)
+
+    @property
+    def detail(self) -> str:
+        return f"window_merge r={self.r} per window"
+
+    def run(self, encoder: Any, block: Any, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
         _, h, w, _ = x.shape
         window = tuple(block.window_size)
-        merged = window_merge_r(plan[i], window)
+        merged = window_merge_r(self.r, window)
         if merged == 0 or h % window[0] or w % window[1]:
             return block(x)
         record: list[torch.Tensor] | None = None
-        if encoder.track_sources and encoder.window_groups is None:  # the first merging block, for drawing
+        if trace is not None and trace.sources and trace.window_groups is None:  # the first merging block
             record = []
-        parts = encoder.block_parts(block, (h, w))
-        out = merged_swin_block(parts, x, merged, prop_attn=prop_attn, record=record)
-        if record:
-            encoder.window_groups = record[0].cpu()
+        out = merged_swin_block(
+            encoder.block_parts(block, (h, w)), x, merged, prop_attn=self.prop_attn, record=record
+        )
+        if trace is not None and record:
+            trace.window_groups = record[0].cpu()
         return out
 
-    def tokens(i: int, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    def windows(self, windows: int) -> int:
+        return windows
+
+    def window_tokens(self, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         n = window[0] * window[1]
-        merged = window_merge_r(plan[i], window)
+        merged = window_merge_r(self.r, window)
         if merged == 0 or grid[0] % window[0] or grid[1] % window[1]:
             return n, 0
         return n - merged, len(cell_split(window)[0])
 
-    model.block_runner = run
-    model.window_tokens = tokens
+
+def window_merge_steps(model: Encoder, config: WindowMergeConfig, plan: PlanBuilder) -> None:
+    """A :class:`WindowMergeStep` in every block the schedule merges in."""
+    for i, r in enumerate(config.per_block(plan.depth)):
+        if r > 0:
+            plan.set_block(i, "window", WindowMergeStep(r=r, prop_attn=config.prop_attn, label=plan.current))
+
+
+@register("window_merge", steps=window_merge_steps, compose=Composition(fills=frozenset({"window"})))
+def _apply_window_merge(model: Encoder, config: WindowMergeConfig) -> None:
+    check_swin(model, "window_merge", "-O merge:r=N")

@@ -1,4 +1,4 @@
-"""Token reduction for Swin that keeps the window structure: window pruning (``-O prune:keep=...`` on Swin).
+"""Token reduction for Swin that keeps the window structure: window pruning (``-O window_prune:keep=...``).
 
 Merging tokens or dropping single tokens breaks Swin, whose attention needs full, aligned windows and whose
 patch merging needs the whole grid. So the unit of reduction here is the *window*: in each block, the windows
@@ -9,22 +9,37 @@ merging and later stages see every position, and a flat region (sky, wall, lette
 refined early. The work shrinks for real: the selected windows are gathered into a smaller batch of windows,
 and only their tokens go through the MLP.
 
-Window score (Swin has no class token): ``variance`` (default; also what ``attn`` means here) is the mean
-squared deviation of a window's normalised tokens from their mean; ``norm`` is their mean L2 norm. Pruning
-applies in stages with at least ``min_windows`` windows; deeper stages, with one or a few windows, always run.
+Window score (Swin has no class token): ``variance`` (default) is the mean squared deviation of a window's
+normalised tokens from their mean; ``norm`` is their mean L2 norm. Pruning applies in stages with at least
+``min_windows`` windows; deeper stages, with one or a few windows, always run. In the execution plan every
+block gets a :class:`WindowPruneStep`. Token pruning of single-sequence models is ``prune``
+(:mod:`vitedge.tokens.prune`), whose scorers, schedules and fusing do not carry over to whole windows.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from vitedge.tokens.runner import split_heads
+from vitedge.api import Composition, register
+from vitedge.models.base import Encoder, Trace
+from vitedge.plan import PlanBuilder
+from vitedge.plan.sequence import split_heads
 
-SWIN_SCORERS = ("attn", "variance", "norm")
+SWIN_SCORERS = ("variance", "norm")
+
+
+def check_swin(model: Encoder, name: str, sequence_option: str) -> None:
+    """A ValueError unless ``model`` is a Swin encoder (``sequence_option``: what to use on other models)."""
+    if model.info.family != "swin" or not hasattr(model, "block_parts"):
+        raise ValueError(
+            f"{name} works on the windows of Swin models; {model.model_id} is a {model.info.family} model "
+            f"(use {sequence_option} there)"
+        )
 
 
 def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
@@ -98,24 +113,68 @@ def pruned_swin_block(
     return (flat + parts.drop2(delta)).view(b, h, w, c)
 
 
-def install_window_pruning(model: Any, keep: float, scorer: str, min_windows: int = 4) -> None:
-    """Make a Swin encoder (with ``block_parts``/``block_runner``/``window_plan``) prune windows."""
-    if scorer not in SWIN_SCORERS:
-        raise ValueError(
-            f"on Swin, prune ranks whole windows; scorer must be one of {', '.join(SWIN_SCORERS)}, "
-            f"got {scorer!r}"
-        )
-    score = "variance" if scorer == "attn" else scorer
+@dataclass(frozen=True, kw_only=True)
+class WindowPruneConfig:
+    """``keep``: fraction of windows computed in each block (1.0 = off) of stages with at least
+    ``min_windows`` windows; ``scorer`` ranks windows (:data:`SWIN_SCORERS`)."""
 
-    def run(encoder: Any, i: int, block: Any, x: torch.Tensor) -> torch.Tensor:
+    keep: float = 1.0
+    scorer: str = "variance"
+    min_windows: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"window_prune:keep must be in (0, 1], got {self.keep}")
+        if self.scorer not in SWIN_SCORERS:
+            raise ValueError(
+                f"window_prune ranks whole windows; scorer must be one of {', '.join(SWIN_SCORERS)}, "
+                f"got {self.scorer!r}"
+            )
+        if self.min_windows < 1:
+            raise ValueError(f"window_prune:min_windows must be >= 1, got {self.min_windows}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WindowPruneStep:
+    """The window step of one Swin block: compute only the top ``keep`` fraction of its windows."""
+
+    keep: float
+    scorer: str
+    min_windows: int
+    label: str
+    kernel: str = "sdpa"  # the kept windows' attention
+
+    @property
+    def detail(self) -> str:
+        return f"window_prune keep={self.keep:g} ({self.scorer})"
+
+    def run(self, encoder: Any, block: Any, x: torch.Tensor, trace: Trace | None) -> torch.Tensor:
         _, h, w, _ = x.shape
         wh, ww = block.window_size
         hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
         n_win = (hp // wh) * (wp // ww)
-        k = kept_windows(keep, n_win, min_windows)
+        k = self.windows(n_win)
         if k >= n_win:
             return block(x)
-        return pruned_swin_block(encoder.block_parts(block, (hp, wp)), x, k, score)
+        return pruned_swin_block(encoder.block_parts(block, (hp, wp)), x, k, self.scorer)
 
-    model.block_runner = run
-    model.window_plan = lambda i, n_win: kept_windows(keep, n_win, min_windows)
+    def windows(self, windows: int) -> int:
+        return kept_windows(self.keep, windows, self.min_windows)
+
+    def window_tokens(self, window: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+        return window[0] * window[1], 0
+
+
+def window_prune_steps(model: Encoder, config: WindowPruneConfig, plan: PlanBuilder) -> None:
+    if config.keep >= 1.0:
+        return  # neutral: the native blocks run untouched
+    step = WindowPruneStep(
+        keep=config.keep, scorer=config.scorer, min_windows=config.min_windows, label=plan.current
+    )
+    for i in range(plan.depth):
+        plan.set_block(i, "window", step)
+
+
+@register("window_prune", steps=window_prune_steps, compose=Composition(fills=frozenset({"window"})))
+def _apply_window_prune(model: Encoder, config: WindowPruneConfig) -> None:
+    check_swin(model, "window_prune", "-O prune:keep=F")

@@ -77,7 +77,7 @@ class DistillConfig:
             )
 
 
-TRAINABLE_TECHNIQUES = ("structured", "merge", "prune")
+TRAINABLE_TECHNIQUES = ("structured", "merge", "prune", "window_merge", "window_prune")
 
 
 def trainable_options(options: tuple[str, ...]) -> list[Any]:

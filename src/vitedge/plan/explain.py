@@ -1,0 +1,95 @@
+"""The execution plan in words and numbers (``vitedge optimize MODEL -O ... --explain``).
+
+Per block: the tokens its attention computes and the tokens its MLP sees (per image, from the cost model,
+so they follow the plan's reducers and window steps), which attention product runs, the reducer, the gate
+and exit slots, and the cost model's MACs. Whole-model: the precision, the router, compilation, and the
+options that only changed weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitedge.attention.batched import short_enough
+from vitedge.models.base import Encoder
+from vitedge.models.spec import AttnOp, LayerSpec, LinearOp
+
+
+def _label(step: Any) -> str | None:
+    """What a step shows: its per-block ``detail`` where it has one, else the -O string that put it there."""
+    if step is None:
+        return None
+    return str(getattr(step, "detail", None) or getattr(step, "label", type(step).__name__))
+
+
+def _block_layers(layers: tuple[LayerSpec, ...]) -> list[tuple[LayerSpec, LayerSpec]]:
+    """(attention, MLP) layer pairs of the blocks, in order."""
+    attn = [x for x in layers if x.kind == "attn"]
+    mlp = [x for x in layers if x.kind == "mlp"]
+    return list(zip(attn, mlp, strict=True))
+
+
+def _kernel(enc: Encoder, block: Any, tokens: int, windowed: bool) -> str:
+    """Which attention product block ``block`` (its BlockPlan, or None) runs."""
+    if block is not None and block.attention is not None:
+        return _label(block.attention) or "attention step"
+    if block is not None and block.window is not None:
+        return str(getattr(block.window, "kernel", "window step"))
+    if enc.plan is None or enc.plan.native_blocks or windowed:
+        return "native"  # the wrapped library's own attention module
+    return "bmm" if short_enough(tokens) else "sdpa"  # vitedge's loop picks by length on CPU
+
+
+def explain(model: Encoder) -> dict[str, Any]:
+    """The plan of ``model`` as data: ``blocks`` (one entry per block) and whole-model ``steps``.
+
+    Raises:
+        TypeError: ``model`` is not an Encoder (use :func:`vitedge.wrap` first).
+    """
+    from vitedge.api import config_name, describe, technique
+
+    if not isinstance(model, Encoder):
+        raise TypeError(f"explain takes a vitedge Encoder, got {type(model).__name__}")
+    spec = model.arch()
+    plan = model.plan
+    views = model.blocks if spec.layers and any(x.kind == "attn" for x in spec.layers) else []
+    windowed = model.info.family == "swin"
+    rows: list[dict[str, Any]] = []
+    for i, (attn, mlp) in enumerate(_block_layers(spec.layers)):
+        steps = None if plan is None else plan.blocks[i]
+        sdpa = [op for op in attn.ops if isinstance(op, AttnOp)]
+        tokens_in = sum(op.windows * op.q_tokens for op in sdpa)
+        mlp_ops = [op for op in mlp.ops if isinstance(op, LinearOp)]
+        tokens_out = mlp_ops[0].tokens if mlp_ops else tokens_in
+        rows.append(
+            {
+                "block": i,
+                "stage": views[i].stage if i < len(views) else 0,
+                "tokens_in": tokens_in,
+                "tokens_out": tokens_out,
+                "kernel": _kernel(model, steps, sdpa[0].q_tokens if sdpa else 0, windowed),
+                "reducer": None if steps is None else _label(steps.reducer or steps.window),
+                "gate": None if steps is None else _label(steps.gate),
+                "exit": None if steps is None else _label(steps.exit),
+                "macs": attn.macs + mlp.macs,
+            }
+        )
+    weights_only = [describe(c) for c in model.applied if technique(c).steps is None]
+    weights_only += [describe(c) for c in model.applied if config_name(c) == "bf16" and c.mode == "cast"]
+    return {
+        "model": model.model_id,
+        "name": " ".join(describe(c) for c in model.applied) or "baseline",
+        "blocks": rows,
+        "steps": {
+            "compute_dtype": str(model.compute_dtype).removeprefix("torch."),
+            "autocast": None
+            if model.autocast_dtype is None
+            else str(model.autocast_dtype).removeprefix("torch."),
+            "router": None if plan is None else _label(plan.router),
+            "compiled": None if plan is None or plan.compiled is None else plan.by.get("compiled"),
+            "weights": weights_only,
+        },
+        "macs": spec.macs,
+        "flops": 2 * spec.macs,
+        "params": spec.params,
+    }
