@@ -161,6 +161,7 @@ def test_composes_with_bf16_adaptive_and_structured() -> None:
         ["bf16", "int8attn"],
         ["int8attn", "bf16:mode=autocast"],
         ["int8attn", "adaptive:min_keep=0.5"],
+        ["adaptive:min_keep=0.5", "int8attn"],
         ["int8attn", "structured:heads=0.25,blocks=1"],  # block choice calibrates on the native blocks
         # keep_norm=0: INT8 noise in the keys can flip a match, and an MLERP-merged token then moves further
         # (it takes its members' largest norm); this test is about int8attn, not about matching stability.
@@ -173,6 +174,7 @@ def test_composes_with_bf16_adaptive_and_structured() -> None:
             out, expected = enc(x), ref(x)
         assert out.dtype == torch.float32 and torch.isfinite(out).all(), opts
         assert _cosine(out, expected).min() > 0.95, opts
+        assert not torch.equal(out, expected), opts  # int8attn ran, wherever it sat in the stack
 
 
 @pytest.mark.parametrize("model_id", SUPPORTED_IDS)

@@ -82,6 +82,17 @@ def test_a_fine_tuned_wrapped_model_saves_and_reloads(tmp_path) -> None:
     assert again.info.num_classes == 10
 
 
+def test_a_wrapped_hugging_face_model_saves_and_reloads(tmp_path) -> None:
+    module = T.ViTModel(T.ViTConfig()).eval()
+    enc = vitedge.optimize_(module, "prune:keep=0.5")
+    assert enc.model_id == "hf:vit"  # the built-in id of its class, which save rebuilds the skeleton from
+    vitedge.save(enc, tmp_path / "vit")
+    again = vitedge.load(str(tmp_path / "vit"))
+    x = enc.example_input(1)
+    with torch.inference_mode():
+        assert torch.equal(again(x), enc(x))
+
+
 def test_a_loaded_model_saves_after_more_options(tmp_path) -> None:
     vitedge.save(vitedge.optimize_(load("vit4mnist"), "merge:r=1"), tmp_path / "a")
     a = vitedge.optimize_(vitedge.load(str(tmp_path / "a")), "int8attn")

@@ -26,10 +26,15 @@ needs_cxx = pytest.mark.skipif(cxx_compiler() is None, reason="Inductor needs a 
 
 
 @needs_cxx
-@pytest.mark.parametrize("after", ["compile", "merge:r=1", "int8"])
+@pytest.mark.parametrize("after", ["merge:r=1", "int8"])
 def test_compile_must_come_last(after: str) -> None:
     with pytest.raises(ValueError, match=f"-O {after} comes after -O compile; compile must be the last"):
         optimize_(load("vit4mnist"), *parse_options(["compile", after]))
+    with pytest.raises(ValueError, match="-O compile is given twice"):
+        optimize_(load("vit4mnist"), *parse_options(["compile", "compile"]))
+    compiled = optimize_(load("vit4mnist"), *parse_options(["compile"]))
+    with pytest.raises(ValueError, match="already applied to this model"):
+        optimize_(compiled, *parse_options([after]))
 
 
 @pytest.mark.parametrize("before", ["adaptive", "int8attn"])

@@ -5,7 +5,6 @@ Also the plain functions behind ``vitedge encode``, ``vitedge cache stats`` and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -81,12 +80,7 @@ def _as_cache(cache: CacheLike) -> tuple[FeatureCache | None, bool]:
 def _forward(model: Any, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
     with torch.inference_mode():
         x = x.to(model.compute_dtype)
-        ctx = (
-            torch.autocast("cpu", dtype=model.autocast_dtype)
-            if model.autocast_dtype
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        with model.autocast(x):  # the same autocast as the model's own forward
             return model.forward_features(x).float()
 
 

@@ -8,6 +8,7 @@ for the cost model. Concrete model classes are known only to the adapters in thi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -207,10 +208,14 @@ class Encoder(nn.Module):
         self, x: torch.Tensor, trace: Trace | None = None, *, native: bool = False
     ) -> torch.Tensor:  # (B, C, H, W) in compute_dtype -> (B, classes)
         """The model's output in its compute dtype, under the plan's autocast when it has one."""
-        if self.autocast_dtype is not None:
-            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                return self._logits(x, trace, native)
-        return self._logits(x, trace, native)
+        with self.autocast(x):
+            return self._logits(x, trace, native)
+
+    def autocast(self, x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` on ``x``'s device with the plan's dtype, or a no-op without one."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=self.autocast_dtype)
 
     def _logits(self, x: torch.Tensor, trace: Trace | None, native: bool) -> torch.Tensor:
         if not native and self.plan is not None and self.plan.router is not None:

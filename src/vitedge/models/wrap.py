@@ -17,6 +17,8 @@ TIMM_VIT = ("VisionTransformer", "VisionTransformerDistilled", "Eva")
 TIMM_SWIN = ("SwinTransformer",)
 HF_VISION = ("ViTModel", "CLIPVisionModel", "SiglipVisionModel")
 HF_PROCESSORS = {"vit": "ViTImageProcessor", "clip_vision_model": "CLIPImageProcessor"}
+# model_type -> the built-in id with that class (``vitedge.save`` rebuilds the skeleton from it)
+HF_IDS = {"vit": "hf:vit", "clip_vision_model": "hf:clip-vision", "siglip_vision_model": "hf:siglip-vision"}
 
 
 def wrap(module: Any, *, model_id: str | None = None) -> Encoder:
@@ -26,8 +28,9 @@ def wrap(module: Any, *, model_id: str | None = None) -> Encoder:
 
     Args:
         module: the model to wrap.
-        model_id: the id reported and used in cache namespaces; default ``timm:<architecture>`` or
-            ``hf:<model_type>``. The weights digest in the cache namespace keeps fine-tuned weights apart.
+        model_id: the id reported and used in cache namespaces; default ``timm:<architecture>`` or the
+            built-in ``hf:`` id of the class (``hf:clip-vision``). The weights digest in the cache namespace
+            keeps fine-tuned weights apart.
 
     Raises:
         TypeError: ``module`` is not one of the supported classes (the message lists them).
@@ -69,4 +72,4 @@ def _wrap_hf(module: Any, model_id: str | None) -> Encoder:
     kind = module.config.model_type
     proc_cls = getattr(T, HF_PROCESSORS.get(kind, "SiglipImageProcessor"))
     pre = preprocess_from_processor(proc_cls().to_dict(), module.config.image_size)
-    return HfVision(module, model_id=model_id or f"hf:{kind}", preprocess=pre)
+    return HfVision(module, model_id=model_id or HF_IDS.get(kind, f"hf:{kind}"), preprocess=pre)

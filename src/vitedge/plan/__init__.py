@@ -52,14 +52,12 @@ if TYPE_CHECKING:
 # an additive score bias broadcastable to (B, H, N, N) or None -> (B, H, N, d).
 AttentionKernel = Callable[..., torch.Tensor]
 
-STEP_SLOTS = ("gate", "attention", "reducer", "exit", "window", "autocast", "router", "compiled")
+BLOCK_SLOTS = ("gate", "attention", "reducer", "exit", "window")
+MODEL_SLOTS = ("autocast", "router", "compiled")
+STEP_SLOTS = BLOCK_SLOTS + MODEL_SLOTS  # what a technique's Composition may say it fills
 
-
-class Step(Protocol):
-    """What every step shows in ``--explain``: ``label``, the ``-O`` string that put it there; a step may
-    also have a ``detail`` property saying what it does in its block (``merge r=16``)."""
-
-    label: str
+# Every block step has a ``label``, the -O string that put it there, and may have a ``detail`` property
+# saying what it does in its block (``merge r=16``); ``--explain`` shows the detail, else the label.
 
 
 class AttentionStep(Protocol):
@@ -101,7 +99,9 @@ class Gate(Protocol):
 
 
 class Exit(Protocol):
-    """After a block: may finish images early (their outputs go to the trace or the router)."""
+    """After a block: sees the state leaving it and returns the state that goes on (it may record what it
+    decided in the call's trace). The token loop keeps the batch whole; an exit that finishes images early
+    returns their rows unchanged or hands the batch to a router that splits it."""
 
     label: str
 
@@ -145,7 +145,7 @@ class BlockPlan:
 
     @property
     def native(self) -> bool:
-        return all(getattr(self, s) is None for s in ("gate", "attention", "reducer", "exit", "window"))
+        return all(getattr(self, s) is None for s in BLOCK_SLOTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,8 +244,8 @@ class PlanBuilder:
 
     def set_block(self, i: int, slot: str, step: Any) -> None:
         """Put ``step`` in ``slot`` (gate, attention, reducer, exit, window) of block ``i``."""
-        if slot not in ("gate", "attention", "reducer", "exit", "window"):
-            raise ValueError(f"unknown block step {slot!r}")
+        if slot not in BLOCK_SLOTS:
+            raise ValueError(f"unknown block step {slot!r}; one of {', '.join(BLOCK_SLOTS)}")
         if not 0 <= i < self.depth:
             raise ValueError(f"block {i} is outside the encoder's {self.depth} blocks")
         self._claim(slot)
@@ -253,8 +253,8 @@ class PlanBuilder:
 
     def set_model(self, slot: str, step: Any) -> None:
         """Put a whole-model step (autocast, router, compiled)."""
-        if slot not in ("autocast", "router", "compiled"):
-            raise ValueError(f"unknown whole-model step {slot!r}")
+        if slot not in MODEL_SLOTS:
+            raise ValueError(f"unknown whole-model step {slot!r}; one of {', '.join(MODEL_SLOTS)}")
         self._claim(slot)
         self.model[slot] = step
 
@@ -271,6 +271,9 @@ class PlanBuilder:
 
 
 __all__ = [
+    "BLOCK_SLOTS",
+    "MODEL_SLOTS",
+    "STEP_SLOTS",
     "AttentionKernel",
     "AttentionStep",
     "BlockPlan",

@@ -116,7 +116,7 @@ class AdaptiveRouter:
             idx = (keeps == keep).nonzero().flatten()
             xs = x[idx]
             encoder.check_size(xs)
-            plan = level_plan(encoder, encoder.plan, self.levels.get(keep))
+            plan = level_plan(encoder, encoder.plan, self.levels[keep])
             y = encoder.forward_head(encoder.final_norm(plan.run_blocks(encoder, encoder.embed(xs), trace)))
             if out is None:
                 out = y.new_empty(x.shape[0], *y.shape[1:])
