@@ -2,7 +2,8 @@
 
 The execution-plan refactor (and any later change that must not move outputs) is tested against these
 recordings by ``tests/test_references.py``. A change that alters a technique on purpose re-records its
-cases in the same commit, with the technique's algorithm version bumped.
+cases in the same commit, with the technique's algorithm version bumped (``register(..., version=N)``); each
+case records the versions it was made with, and the test refuses a recording whose versions are stale.
 
     python scripts/record_references.py            # writes tests/references/outputs.{safetensors,json}
 
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import vitedge
+from vitedge.api import algorithm_version, config_name
 from vitedge.data import open_dataset
 from vitedge.options import parse_options
 
@@ -104,13 +106,15 @@ def main() -> None:
     for model_id, data, opts in CASES:
         enc = vitedge.load(model_id)
         x = inputs.setdefault((model_id, data), images(enc, data))
-        if opts:
-            vitedge.optimize_(enc, *parse_options(opts))
+        configs = parse_options(opts)
+        if configs:
+            vitedge.optimize_(enc, *configs)
         with torch.inference_mode():
             y = enc(x)
         key = case_key(model_id, opts)
         outputs[key] = y.contiguous()
-        meta.append({"key": key, "model": model_id, "data": data, "opts": opts})
+        versions = {config_name(c): algorithm_version(c) for c in configs}
+        meta.append({"key": key, "model": model_id, "data": data, "opts": opts, "versions": versions})
         print(f"{key:90s} {tuple(y.shape)}")
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(outputs, str(OUT / "outputs.safetensors"))

@@ -1,7 +1,9 @@
 """Every technique and the README's stacks reproduce their recorded outputs on real images.
 
-``scripts/record_references.py`` recorded them; a change that alters a technique on purpose re-records its
-cases in the same commit (and bumps the technique's algorithm version).
+``scripts/record_references.py`` recorded them; a change that alters a technique on purpose bumps the
+technique's algorithm version and re-records its cases in the same commit. So a change of outputs without a
+version bump fails here (the outputs differ), and so does a bump without re-recording (the versions differ):
+the version, which is part of the feature cache's namespace, always moves with the outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import vitedge
+from vitedge.api import algorithm_version, config_name
 from vitedge.options import parse_options
 
 REFS = Path(__file__).parent / "references"
@@ -52,13 +55,18 @@ def inputs() -> _Inputs:
 @pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])
 def test_recorded_outputs(case, recorded, inputs) -> None:
     enc = vitedge.load(case["model"])
-    opts = case["opts"]
-    if opts:
-        vitedge.optimize_(enc, *parse_options(opts))
+    configs = parse_options(case["opts"])
+    now = {config_name(c): algorithm_version(c) for c in configs}
+    assert case.get("versions", {}) == now, (
+        f"{case['key']} was recorded with algorithm versions {case.get('versions')}, the code has {now}: "
+        "re-record with scripts/record_references.py"
+    )
+    if configs:
+        vitedge.optimize_(enc, *configs)
     with torch.inference_mode():
         y = enc(inputs[(case["model"], case["data"])])
     ref = recorded[case["key"]]
-    low_precision = any(o.startswith(("bf16", "mixed")) for o in opts)
+    low_precision = any(o.startswith(("bf16", "mixed")) for o in case["opts"])
     tol = 2e-2 if low_precision else 2e-5
     torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
     assert torch.equal(y.argmax(1), ref.argmax(1)), "the predicted classes moved"

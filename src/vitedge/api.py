@@ -11,7 +11,10 @@ A registration says, in one place, everything :func:`optimize_` needs to know ab
 - ``steps(model, config, builder)``: the execution-plan steps it contributes (:mod:`vitedge.plan`), for
   techniques that change how the forward runs;
 - ``compose``: a :class:`Composition`, the plan steps it fills (one technique per step) and the orders that
-  cannot work. :func:`optimize_` checks the whole stack against these before applying anything, never
+  cannot work;
+- ``version``: the technique's algorithm version, bumped whenever its outputs change for the same config
+  (it is part of the feature cache's namespace, and ``tests/test_references.py`` holds recorded outputs to
+  it). :func:`optimize_` checks the whole stack against these before applying anything, never
   reorders it, and refuses an order that cannot work with a message naming both techniques and the order
   that works.
 """
@@ -53,6 +56,15 @@ class Composition:
     last: bool = False
     not_after: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from vitedge.plan import STEP_SLOTS
+
+        unknown = sorted(set(self.fills) - set(STEP_SLOTS))
+        if unknown:
+            raise ValueError(
+                f"Composition fills unknown plan steps {unknown}; steps: {', '.join(STEP_SLOTS)}"
+            )
+
 
 @dataclass(frozen=True)
 class Technique:
@@ -61,6 +73,7 @@ class Technique:
     handler: Handler
     steps: Steps | None
     compose: Composition
+    version: int
 
 
 _BY_TYPE: dict[type, Technique] = {}
@@ -92,6 +105,7 @@ def register(
     *,
     steps: Steps | None = None,
     compose: Composition | None = None,
+    version: int = 1,
 ) -> Callable[[Handler], Handler]:
     """Register ``handler(model, config)`` under ``-O`` ``name`` for ``config_type`` (default: the type
     annotated on the handler's ``config`` parameter, looked up in the handler's module), with the plan
@@ -111,7 +125,7 @@ def register(
             raise TypeError(f"handler {handler.__name__} must annotate 'config' with a dataclass type")
         if not cfg_type.__dataclass_params__.frozen:  # type: ignore[attr-defined]
             raise TypeError(f"{cfg_type.__name__} must be a frozen dataclass")
-        _BY_TYPE[cfg_type] = Technique(name, cfg_type, handler, steps, compose or Composition())
+        _BY_TYPE[cfg_type] = Technique(name, cfg_type, handler, steps, compose or Composition(), version)
         _BY_NAME[name] = cfg_type
         return handler
 
@@ -160,6 +174,11 @@ def config_name(config: Config) -> str:
     return technique(config).name
 
 
+def algorithm_version(config: Config) -> int:
+    """The algorithm version of ``config``'s technique (bumped when its outputs change)."""
+    return technique(config).version
+
+
 def config_to_dict(config: Config) -> dict[str, Any]:
     """JSON-ready form: ``{"name": ..., "params": {...}}`` with every field of the config."""
     return {"name": config_name(config), "params": dataclasses.asdict(config)}
@@ -197,10 +216,17 @@ def check_stack(configs: Sequence[Config], *, applied: Sequence[Config] = ()) ->
         for earlier_config in stack[:j]:
             earlier = technique(earlier_config)
             a, b = describe(earlier_config), describe(config)
+            if this.name == earlier.name and (this.compose.fills or this.compose.last):
+                raise ValueError(f"-O {b} is given twice (after -O {a}); give {this.name} once")
             if earlier.compose.last:
+                where = (
+                    "it is already applied to this model; apply -O {b} to one without it (reload the base)"
+                    if any(earlier_config is c for c in applied)
+                    else "put -O {b} before -O {a}"
+                )
                 raise ValueError(
                     f"-O {b} comes after -O {a}; {earlier.name} must be the last option of a stack "
-                    f"(put -O {b} before -O {a})"
+                    f"({where.format(a=a, b=b)})"
                 )
             reason = this.compose.after.get(earlier.name)
             if reason:
@@ -209,8 +235,6 @@ def check_stack(configs: Sequence[Config], *, applied: Sequence[Config] = ()) ->
             if reason:
                 raise ValueError(f"-O {b} cannot follow -O {a}: {reason}; drop one of them")
             shared = sorted(this.compose.fills & earlier.compose.fills)
-            if shared and this.name == earlier.name:
-                raise ValueError(f"-O {b} is given twice (after -O {a}); give {this.name} once")
             if shared:
                 raise ValueError(
                     f"-O {a} and -O {b} cannot stack: both fill the execution plan's {' and '.join(shared)} "

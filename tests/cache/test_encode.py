@@ -64,6 +64,37 @@ def test_preprocessing_and_configs_change_the_namespace() -> None:
     assert Namespace.of(b).digest != base.digest
 
 
+def test_every_field_and_the_algorithm_version_are_in_the_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A default that changes, or an algorithm that changes under the same config, moves the namespace: a
+    persistent tier can never serve features of the old algorithm."""
+    import dataclasses
+
+    from vitedge.api import technique
+    from vitedge.cache.keys import Namespace
+    from vitedge.tokens.merge import MergeConfig
+
+    model = vitedge.optimize_(load("vit4mnist"), MergeConfig(r=1))
+    entry = json.loads(Namespace.of(model).configs[0])
+    assert entry == {
+        "name": "merge",
+        "params": dataclasses.asdict(MergeConfig(r=1)),  # defaults included
+        "version": technique(MergeConfig()).version,
+    }
+    before = Namespace.of(model).digest
+    # the same -O string after a default changed: keep_norm's default flips, the namespace follows
+    flipped = dataclasses.replace(model.applied[0], keep_norm=not MergeConfig().keep_norm)
+    monkeypatch.setattr(model, "applied", [flipped])
+    assert Namespace.of(model).digest != before
+    # the same config after an algorithm change (a version bump)
+    monkeypatch.setattr(model, "applied", [MergeConfig(r=1)])
+    assert Namespace.of(model).digest == before
+    from vitedge import api
+
+    bumped = dataclasses.replace(technique(MergeConfig()), version=technique(MergeConfig()).version + 1)
+    monkeypatch.setitem(api._BY_TYPE, MergeConfig, bumped)
+    assert Namespace.of(model).digest != before
+
+
 def test_encode_rejects_bad_input() -> None:
     enc = load("vit4mnist")
     with pytest.raises(ValueError, match="unknown cache tier 'tape'"):

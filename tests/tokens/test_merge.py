@@ -106,24 +106,35 @@ def test_merge_preserves_size_weighted_sums(n: int, r: int, prefix: int, seed: i
 
 
 def test_keep_norm_gives_merged_tokens_their_largest_member_norm() -> None:
-    # A0 = (1, 0) merges into B0 = (0, 2): the plain average (0.5, 1) has norm 1.12; MLERP keeps its direction
-    # at the larger member norm, 2. A1 stays.
-    x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])  # prefix, A0, B0, A1... (p=1)
+    # Positions 0 (class, protected) and 2 form set A, 1 and 3 set B. Token 2 = (0, 2) matches token 1 =
+    # (1, 0) and merges into it: the plain average (0.5, 1) has norm 1.12; MLERP keeps its direction at the
+    # larger member norm, 2. Token 3 stays.
+    x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])
     metric = torch.tensor([[[0.0, 1.0], [1.0, 0.1], [0.9, 0.2], [-1.0, 0.0]]])
     state = TokenState(x=x, size=None, source=None, num_prefix=1)
     plain = merge_state(state, metric, 1)
     kept = merge_state(TokenState(x=x, size=None, source=None, num_prefix=1), metric, 1, keep_norm=True)
     assert plain.x.shape == kept.x.shape == (1, 3, 2)
-    assert torch.allclose(plain.x[0, 2], torch.tensor([0.5, 1.0]))  # (A0 + B0) / 2
-    assert torch.allclose(kept.x[0, 2], torch.tensor([0.5, 1.0]) * 2 / 1.25**0.5)
-    assert torch.equal(kept.x[:, :2], plain.x[:, :2]) and torch.equal(kept.size, plain.size)
+    assert torch.allclose(plain.x[0, 1], torch.tensor([0.5, 1.0]))  # (token 1 + token 2) / 2
+    assert torch.allclose(kept.x[0, 1], torch.tensor([0.5, 1.0]) * 2 / 1.25**0.5)
+    assert torch.equal(kept.x[0, 2], x[0, 3]) and torch.equal(kept.x[0, 0], x[0, 0])
+    assert kept.size[0, :, 0].tolist() == [1.0, 2.0, 1.0] and torch.equal(kept.size, plain.size)
 
 
-def test_matching_merges_most_similar() -> None:
-    # A-tokens 0 and 2 are duplicates of B-tokens 1 and 3; r=2 must merge exactly those.
-    base = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.7]])
-    merge = bipartite_soft_matching(base[None], 2)
-    assert merge(base[None], "mean").shape == (1, 4, 3)
+def test_matching_merges_most_similar_and_keeps_original_order() -> None:
+    # A = positions 0, 2, 4; B = 1, 3, 5. Tokens 0 and 2 duplicate 1 and 3, so r=2 merges exactly those; the
+    # A token left (4) comes first, then B in its order.
+    t = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.7]])[None]
+    out = bipartite_soft_matching(t, 2)(t * torch.arange(1.0, 7.0)[None, :, None], "sum")
+    want = torch.stack([t[0, 4] * 5, t[0, 1] * (1 + 2), t[0, 3] * (3 + 4), t[0, 5] * 6])
+    assert torch.equal(out[0], want)
+    # with protected tokens (class, distillation) the unmerged A tokens stay in their original order
+    x = torch.randn(1, 12, 4, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(12.0)[None, :, None]
+    order = bipartite_soft_matching(x, 3, num_prefix=2)(pos, "amax")[0, :, 0]
+    assert order[:2].tolist() == [0.0, 1.0]  # class then distillation token
+    a_left = order[2 : 2 + (6 - 1 - 3)]
+    assert torch.equal(a_left, a_left.sort().values) and all(int(v) % 2 == 0 for v in a_left)
 
 
 def test_merge_rejects_bad_config() -> None:

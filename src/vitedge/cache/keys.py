@@ -28,7 +28,8 @@ class Namespace:
         model_id: the model id as loaded (``timm:vit_base_patch16_224``).
         weights_digest: ``Encoder.weights_digest()`` of the weights that computed the feature.
         preprocess: the ``Preprocess`` as JSON (size, resize, mean/std, interpolation).
-        configs: the canonical ``-O`` strings of the applied optimisations, in order.
+        configs: each applied optimisation, in order, as canonical JSON of its name, every field (defaults
+            included, so changing a default changes the namespace) and its technique's algorithm version.
         version: the vitedge version.
     """
 
@@ -57,13 +58,18 @@ class Namespace:
     def of(cls, model: Any) -> Namespace:
         """The namespace of a loaded :class:`~vitedge.models.base.Encoder` (hashes its weights now)."""
         from vitedge import __version__
-        from vitedge.api import RUNTIME_ONLY, config_name, describe
+        from vitedge.api import RUNTIME_ONLY, algorithm_version, config_name, config_to_dict
 
+        configs = tuple(
+            json.dumps({**config_to_dict(c), "version": algorithm_version(c)}, sort_keys=True, default=str)
+            for c in model.applied
+            if config_name(c) not in RUNTIME_ONLY
+        )
         return cls(
             model_id=model.info.model_id,
             weights_digest=model.weights_digest(),
             preprocess=model.preprocess.to_json(),
-            configs=tuple(describe(c) for c in model.applied if config_name(c) not in RUNTIME_ONLY),
+            configs=configs,
             version=__version__,
         )
 

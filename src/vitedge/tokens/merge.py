@@ -43,14 +43,22 @@ SCHEDULES = ("constant", "decreasing", "seed")
 MERGE_NEEDS = Needs(keys=True)  # matching compares the attention keys
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int) -> MergeFn:
-    """Match ``r`` tokens of the alternate set A onto set B by cosine similarity of ``metric`` (B, N, C).
+def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int = 0) -> MergeFn:
+    """ToMe's matching: ``r`` tokens of set A merged onto set B by cosine similarity of ``metric`` (B, N, C).
 
-    Returns ``merge(x, mode)`` mapping any (B, N, C') tensor aligned with ``metric`` to (B, N - r, C'):
-    unmerged A tokens first, then B tokens with their partners reduced in by ``mode`` ("sum", "mean", "amax").
+    As in ToMe, the split alternates over the whole sequence (A: positions 0, 2, ...; B: 1, 3, ...) and the
+    first ``num_prefix`` tokens (class, distillation, register) take part only as protected tokens: they are
+    never merged away and never receive a merge. Returns ``merge(x, mode)`` mapping any (B, N, C') tensor
+    aligned with ``metric`` to (B, N - r, C'): the protected tokens in their order, then the unmerged A tokens
+    in their original order (ToMe keeps that order when there is a class token; without protected tokens it
+    keeps ToMe's similarity order), then the B tokens with their partners reduced in by ``mode`` ("sum",
+    "mean", "amax").
     """
     n = metric.shape[1]
-    r = max(0, min(r, n // 2))
+    p = num_prefix
+    pa, pb = (p + 1) // 2, p // 2  # protected tokens in A and in B
+    na = (n + 1) // 2
+    r = max(0, min(r, (n - p) // 2))
     if r == 0:
 
         def identity(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
@@ -61,47 +69,55 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> MergeFn:
         metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         a, b = metric[:, ::2], metric[:, 1::2]
         scores = a @ b.transpose(-1, -2)  # (B, Na, Nb)
+        if pa:
+            scores[:, :pa] = -torch.inf  # protected A tokens are never merged away
+        if pb:
+            scores[:, :, :pb] = -torch.inf  # protected B tokens never receive a merge
         node_max, node_idx = scores.max(dim=-1)  # best partner in B for each A token
         edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Na, 1)
         unm_idx = edge_idx[:, r:]  # A tokens that stay
+        if p:
+            unm_idx = unm_idx.sort(dim=1).values  # original order: the protected tokens lead
         src_idx = edge_idx[:, :r]  # A tokens merged away
         dst_idx = node_idx[..., None].gather(dim=1, index=src_idx)  # their partners in B
 
     def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         src, dst = x[:, ::2], x[:, 1::2]
-        bsz, na, c = src.shape
+        bsz, _, c = src.shape
         unm = src.gather(dim=1, index=unm_idx.expand(bsz, na - r, c))
         src = src.gather(dim=1, index=src_idx.expand(bsz, r, c))
         dst = dst.scatter_reduce(1, dst_idx.expand(bsz, r, c), src, reduce=mode)
-        return torch.cat([unm, dst], dim=1)
+        if pb == 0:  # at most a class token, which leads unm already
+            return torch.cat([unm, dst], dim=1)
+        prefix = [(unm if i % 2 == 0 else dst)[:, i // 2 : i // 2 + 1] for i in range(p)]  # A, B alternate
+        return torch.cat([*prefix, unm[:, pa:], dst[:, pb:]], dim=1)
 
     return merge
 
 
 def merge_state(state: TokenState, metric: torch.Tensor, r: int, *, keep_norm: bool = False) -> TokenState:
-    """Merge ``r`` patch tokens of ``state`` (size-weighted average); prefix tokens pass through untouched.
+    """Merge ``r`` patch tokens of ``state`` (size-weighted average, ToMe's ``merge_wavg``); the prefix
+    tokens keep their places and values. ``metric`` (B, N, C) is aligned with the whole state.
 
     With ``keep_norm`` a merged token keeps the direction of the size-weighted average but takes the largest
     norm among its members (MLERP, from Token Fusion): averaging tokens that point in different directions
     shrinks the norm, and the residual stream, which no LayerNorm rescales, carries that shrinkage on.
     """
     p = state.num_prefix
-    merge = bipartite_soft_matching(metric[:, p:], r)
+    merge = bipartite_soft_matching(metric, r, p)
     size = state.size if state.size is not None else ones_size(state)
-    x, s = state.x[:, p:], size[:, p:]
+    x = state.x
     d = x.shape[-1]
-    merged = merge(torch.cat([x * s, s], dim=-1), "sum")  # tokens and sizes in one gather/scatter
-    patch_size = merged[..., d:]
-    patch_x = merged[..., :d] / patch_size
+    merged = merge(torch.cat([x * size, size], dim=-1), "sum")  # tokens and sizes in one gather/scatter
+    new_size = merged[..., d:]
+    new_x = merged[..., :d] / new_size
     if keep_norm:
         peak = merge(x.norm(dim=-1, keepdim=True), "amax")  # (B, N - r, 1)
-        patch_x = patch_x * (peak / patch_x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        new_x = new_x * (peak / new_x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
     return TokenState(
-        x=torch.cat([state.x[:, :p], patch_x], dim=1),
-        size=torch.cat([size[:, :p], patch_size], dim=1),
-        source=None
-        if state.source is None
-        else torch.cat([state.source[:, :p], merge(state.source[:, p:], "amax")], dim=1),
+        x=torch.cat([x[:, :p], new_x[:, p:]], dim=1),  # the prefix exactly as it was
+        size=new_size,
+        source=None if state.source is None else merge(state.source, "amax"),
         num_prefix=p,
         prop_attn=state.prop_attn,
     )
@@ -169,8 +185,8 @@ class MergeReducer:
         p = encoder.layout.num_prefix
         r = max(0, min(self.r, (n - p) // 2))
         extra: tuple[LinearOp, ...] = ()
-        if r > 0:
-            na, nb = (n - p + 1) // 2, (n - p) // 2
+        if r > 0:  # the alternating split runs over the whole sequence, protected tokens included
+            na, nb = (n + 1) // 2, n // 2
             d = encoder.blocks[self.index].attn.head_dim
             extra = (
                 LinearOp(
@@ -187,14 +203,17 @@ class MergeReducer:
 def merge_steps(model: Encoder, config: MergeConfig, plan: PlanBuilder) -> None:
     """A :class:`MergeReducer` in every block the schedule merges in."""
     assert isinstance(model, SequenceEncoder)
-    for i, r in enumerate(schedule_r(config, plan.depth, model.layout.num_patches)):
+    rs = schedule_r(config, plan.depth, model.layout.num_patches)
+    for i, r in enumerate(rs):
         if r > 0:
             plan.set_block(
                 i, "reducer", MergeReducer(index=i, r=r, keep_norm=config.keep_norm, label=plan.current)
             )
-    plan.set_tokens(prop_attn=config.prop_attn, restore=config.restore)
+    if any(rs):  # with nothing merged there is nothing to restore (and no source map to keep)
+        plan.set_tokens(prop_attn=config.prop_attn, restore=config.restore)
 
 
-@register("merge", steps=merge_steps, compose=Composition(fills=frozenset({"reducer"})))
+# version 2: unmerged tokens keep their original order and the split runs over the whole sequence, as ToMe's
+@register("merge", steps=merge_steps, compose=Composition(fills=frozenset({"reducer"})), version=2)
 def _apply_merge(model: Encoder, config: MergeConfig) -> None:
     check_supported(model, "merge")
