@@ -49,7 +49,7 @@ def test_codec_round_trip(fmt: str, tol: float) -> None:
     x = feats(0)
     key = entry_key(NS, content(1))
     blob = codec.encode(x, namespace=NS, key=key, fmt=fmt)
-    assert b"pickle" not in blob and not blob.startswith(b"\x80")
+    assert blob.startswith(codec.MAGIC)  # the self-describing header, no pickle frame
     y = codec.decode(blob, namespace=NS, key=key)
     assert y.shape == x.shape and np.abs(y - x).max() < tol * np.abs(x).max() * 2
 
@@ -78,7 +78,9 @@ def test_memory_tier_watermarks_and_budget() -> None:
     for i in range(30):
         cache.put(NS, content(i), feats(i))
         assert mem.used_bytes <= mem.hard * mem.budget
-    time.sleep(0.2)  # the background evictor brings it under the soft watermark
+    deadline = time.monotonic() + 10  # the background evictor brings it under the soft watermark
+    while mem.used_bytes > mem.soft * mem.budget and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert mem.used_bytes <= mem.soft * mem.budget
     assert mem.evicted > 0
 
@@ -142,6 +144,42 @@ def test_misfiled_entry_is_rejected(tmp_path: Path) -> None:
     disk.put(entry_key(NS, content(3)), other, namespace=NS)  # a wrong value under the right key
     cache = FeatureCache(CacheConfig(tiers=("disk",)), tiers=[disk])
     assert cache.get(NS, content(3)) is None and cache.stats["disk"].corrupt == 1
+
+
+class _Plant:
+    """Unpickling this writes a file: proof that a pickled row ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_tampered_disk_row_is_never_unpickled(tmp_path: Path) -> None:
+    """diskcache unpickles rows whose mode says 'pickle'; a tampered cache.db must be a miss, not code."""
+    import pickle
+    import sqlite3
+
+    from diskcache.core import MODE_PICKLE
+
+    disk = DiskTier(tmp_path / "d")
+    key = entry_key(NS, content(7))
+    disk.put(key, codec.encode(feats(7), namespace=NS, key=key), namespace=NS)
+    disk.register(NS, {"model_id": "m"})
+    disk.close()
+    planted = tmp_path / "planted"
+    db = sqlite3.connect(str(tmp_path / "d" / "cache.db"))
+    payload = pickle.dumps(_Plant(str(planted)))
+    db.execute("UPDATE Cache SET mode = ?, value = ? WHERE key = ?", (MODE_PICKLE, payload, key))
+    db.commit()
+    db.close()
+    again = DiskTier(tmp_path / "d")
+    assert again.get(key) is None and not planted.exists()  # a miss; nothing ran
+    assert again.get(key) is None and again.info()["entries"] == 1  # dropped; the registry entry stays
+    assert NS in again.namespaces()
+    with pytest.raises(TypeError, match="bytes or str"):
+        again.put(entry_key(NS, content(8)), {"not": "bytes"}, namespace=NS)  # type: ignore[arg-type]
 
 
 _WRITER = """

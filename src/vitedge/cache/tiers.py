@@ -203,11 +203,47 @@ class MemoryTier:
         return {"entries": len(self._data), "bytes": self._used, "budget_bytes": self.budget}
 
 
+class TamperedEntry(ValueError):
+    """A disk-cache row that asks to be unpickled: vitedge never writes one, so the file was changed."""
+
+
+def _bytes_only_disk() -> type:
+    """A ``diskcache.Disk`` that stores and reads str keys and bytes/str values only, and refuses every
+    pickled key or value: ``diskcache`` unpickles rows whose mode says so, and a tampered ``cache.db`` must
+    not run code."""
+    import diskcache
+    from diskcache.core import MODE_PICKLE
+
+    class BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]
+        def put(self, key: Any) -> Any:
+            if not isinstance(key, str):
+                raise TypeError(f"disk-cache keys are str, got {type(key).__name__}")
+            return super().put(key)
+
+        def get(self, key: Any, raw: bool) -> Any:
+            if not raw:
+                raise TamperedEntry("a disk-cache key is stored pickled")
+            return super().get(key, raw)
+
+        def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+            if not read and not isinstance(value, bytes | str):
+                raise TypeError(f"disk-cache values are bytes or str, got {type(value).__name__}")
+            return super().store(value, read, key=key)
+
+        def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+            if mode == MODE_PICKLE:
+                raise TamperedEntry("a disk-cache value is stored pickled")
+            return super().fetch(mode, filename, value, read)
+
+    return BytesOnlyDisk
+
+
 class DiskTier:
     """Entries in a local ``diskcache`` folder (SQLite index plus files, crash-safe, shared by processes).
 
     Each entry is tagged with its namespace so a namespace drops in one indexed query. The disk tier's own
-    size limit evicts least-recently-stored entries.
+    size limit evicts least-recently-stored entries. Only bytes and str go in and out: a row that asks to be
+    unpickled (a tampered ``cache.db``) is a miss, logged and deleted, never unpickled.
     """
 
     name = "disk"
@@ -224,11 +260,19 @@ class DiskTier:
             raise ValueError(f"cannot create the disk cache folder {directory}: {e}") from None
         self.directory = directory
         self._cache = diskcache.Cache(
-            str(directory), size_limit=size_limit, eviction_policy="least-recently-stored"
+            str(directory),
+            size_limit=size_limit,
+            eviction_policy="least-recently-stored",
+            disk=_bytes_only_disk(),
         )
 
     def get(self, key: str) -> bytes | None:
-        value = self._cache.get(key, default=None, retry=True)
+        try:
+            value = self._cache.get(key, default=None, retry=True)
+        except TamperedEntry as e:
+            log.warning("disk cache %s: %s under %s; dropped, never unpickled", self.directory, e, key)
+            self._cache.delete(key, retry=True)
+            return None
         return value if isinstance(value, bytes) else None
 
     def put(self, key: str, blob: bytes, *, namespace: str, cost: float = 1.0) -> None:
@@ -241,10 +285,18 @@ class DiskTier:
         self._cache.set(f"{_REGISTRY}:{namespace}", json.dumps(meta), tag="registry", retry=True)
 
     def namespaces(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for key in list(self._cache.iterkeys()):
+        out: dict[str, dict[str, Any]] = {}
+        try:
+            keys = list(self._cache.iterkeys())
+        except TamperedEntry as e:
+            log.warning("disk cache %s: %s; its namespace list is not read", self.directory, e)
+            return out
+        for key in keys:
             if isinstance(key, str) and key.startswith(f"{_REGISTRY}:"):
-                raw = self._cache.get(key)
+                try:
+                    raw = self._cache.get(key)
+                except TamperedEntry:
+                    continue
                 if isinstance(raw, str):
                     out[key.rsplit(":", 1)[1]] = json.loads(raw)
         return out
