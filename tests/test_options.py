@@ -65,9 +65,55 @@ class _RangeProbe:
     r: int = 0
 
 
-@register("probe", _RangeProbe)
 def _apply_probe(model, config) -> None:  # pragma: no cover - never applied
     raise AssertionError("the probe technique is only parsed")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _probe_registered():
+    """Register the probe for this module's tests only, so it never leaks into the global registry."""
+    from vitedge import api
+
+    api.technique_names()  # load the real techniques first
+    register("probe", _RangeProbe)(_apply_probe)
+    try:
+        yield
+    finally:
+        del api._BY_TYPE[_RangeProbe], api._BY_NAME["probe"]
+
+
+# -O names and fields that ../shared/CONTRACT.md fixes (users script against them)
+CONTRACT_FIELDS = {
+    "merge": {"r", "schedule"},
+    "prune": {"keep", "scorer", "schedule"},
+    "adaptive": set(),
+    "bf16": set(),
+    "int8": set(),
+    "int8wo": set(),
+    "int4": {"group"},
+    "mixed": {"budget"},
+    "structured": {"heads", "mlp", "blocks"},
+    "sparse": {"n", "m", "block"},
+    "int8attn": set(),
+    "compile": set(),
+}
+
+
+@pytest.mark.parametrize(("name", "fields"), sorted(CONTRACT_FIELDS.items()))
+def test_every_contract_name_and_field_parses(name: str, fields: set[str]) -> None:
+    from vitedge.api import config_class
+
+    cls = config_class(name)
+    assert fields <= {f.name for f in dataclasses.fields(cls)}
+    (config,) = parse_option(name)  # the bare name is a valid option
+    assert isinstance(config, cls)
+
+
+def test_neutral_settings_the_contract_names() -> None:
+    assert parse_option("merge:r=0")[0].r == 0
+    assert parse_option("prune:keep=1.0")[0].keep == 1.0
+    structured = parse_option("structured:heads=0,mlp=0")[0]
+    assert (structured.heads, structured.mlp) == (0.0, 0.0)
 
 
 @given(st.integers(min_value=0, max_value=40), st.integers(min_value=0, max_value=40))

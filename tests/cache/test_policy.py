@@ -126,3 +126,6 @@ def test_replay_never_exceeds_capacity(trace: list[int], capacity: int, name: st
     sizes = {k: 1 + k % 4 for k in range(31)}
     res = replay(make_policy(name), trace, capacity=capacity, size_of=lambda k: sizes[k])  # type: ignore[index]
     assert 0 <= res.hits <= res.requests == len(trace)
+    assert res.peak_bytes <= capacity  # the store never held more than it may
+    fitting = [k for k in trace if sizes[k] <= capacity]
+    assert (res.peak_bytes > 0) == bool(fitting)

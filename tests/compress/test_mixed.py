@@ -42,6 +42,13 @@ def test_search_returns_a_plan_within_budget() -> None:
     batches = [_calibration(enc)[0][:64]]
     plan = choose_plan(enc, MixedConfig(budget=0.02, fallback="fp32"), batches)
     assert len(plan) == N_LAYERS and set(plan) <= {"8", "f"}
+    assert plan.count("8") > N_LAYERS // 2  # INT8 where the digits tolerate it: most layers here
+    chosen = optimize_(load("vit4mnist"), MixedConfig(plan=plan, fallback="fp32"))
+    int8 = [m for m in chosen.modules() if isinstance(m, Int8DynamicLinear)]
+    assert len(int8) == plan.count("8")
+    with torch.inference_mode():  # the plan keeps top-1 within the budget on the calibration digits
+        flips = (chosen(batches[0]).argmax(1) != enc(batches[0]).argmax(1)).float().mean().item()
+    assert flips <= 0.02
 
 
 @pytest.mark.parametrize("bad", ["mixed:budget=1.5", "mixed:fallback=int2", "mixed:plan=8x"])

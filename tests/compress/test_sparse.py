@@ -38,7 +38,12 @@ def test_neutral_setting_reproduces_model() -> None:
 @pytest.mark.parametrize("model_id", ["vit4mnist", "timm:deit_tiny_patch16_224", "hf:vit"])
 def test_shapes_and_sparsity(model_id: str, opt: str) -> None:
     base = load_cached(model_id)
-    enc = optimize_(copy.deepcopy(base), *parse_options([opt, "int8"]))
+    sparse = optimize_(copy.deepcopy(base), *parse_options([opt]))
+    for view in sparse.blocks:  # every block linear lost the share of weights the option names
+        for lin in (m for m in view.module.modules() if isinstance(m, torch.nn.Linear)):
+            zero = (lin.weight == 0).float().mean().item()
+            assert zero >= 0.5, f"{opt}: only {zero:.2f} of {tuple(lin.weight.shape)} zeroed"
+    enc = optimize_(copy.deepcopy(sparse), *parse_options(["int8"]))
     x = base.example_input(1)
     with torch.inference_mode():
         assert enc(x).shape == base(x).shape

@@ -66,9 +66,18 @@ def test_heads_keep_at_least_one_and_update_bookkeeping() -> None:
 
 
 def test_block_removal_drops_the_most_similar_block() -> None:
+    from vitedge.compress.calibration import calibration_batches
+    from vitedge.compress.structured import block_similarity
+
     base = load_cached("vit4mnist")
+    sims = block_similarity(base, calibration_batches(base, images=256))
+    drop = set(sims.topk(2).indices.tolist())  # the blocks whose output is most like their input
+    survivors = [v.module.state_dict() for i, v in enumerate(base.blocks) if i not in drop]
     enc = optimize_(copy.deepcopy(base), StructuredConfig(blocks=2))
     assert len(enc.blocks) == len(base.blocks) - 2
+    for view, want in zip(enc.blocks, survivors, strict=True):  # exactly the others remain, in order
+        got = view.module.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
 @pytest.mark.parametrize(

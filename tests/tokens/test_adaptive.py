@@ -54,3 +54,22 @@ def test_neutral_and_bad_options() -> None:
         parse_options(["adaptive:min_keep=0.9,max_keep=0.5"])
     with pytest.raises(ValueError, match="cannot stack"):
         optimize_(load("vit4mnist"), *parse_options(["merge:r=2", "adaptive"]))
+
+
+def test_each_image_runs_at_its_own_keep_rate() -> None:
+    """A flat digit runs pruned at min_keep and a textured one unpruned, in one batch, in input order."""
+    from vitedge.tokens.prune import PruneConfig
+
+    model = optimize_(
+        load("vit4mnist"), AdaptiveConfig(min_keep=0.5, max_keep=1.0, buckets=2, low=0.0, high=3.0)
+    )
+    flat = torch.zeros(1, 1, 28, 28)
+    textured = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    x = torch.cat([textured, flat])
+    with torch.no_grad():
+        logits, trace = model.forward_traced(x)
+        pruned = optimize_(load("vit4mnist"), PruneConfig(keep=0.5))(flat)
+        plain = load("vit4mnist")(textured)
+    assert trace.keep is not None and trace.keep.tolist() == [1.0, 0.5]
+    torch.testing.assert_close(logits[1:], pruned)
+    torch.testing.assert_close(logits[:1], plain)

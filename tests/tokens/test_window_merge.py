@@ -224,11 +224,14 @@ def test_recorded_groups_match_the_windows() -> None:
     window, for image 0 only; it is recorded afresh on every traced forward, into that call's trace."""
     model = optimize_(load("cifar-swin"), *parse_options(["window_merge:r=5"])).eval()
     x = model.example_input(3)
+    other = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
         _, trace = model.forward_traced(x)
         first = trace.window_groups
         _, again = model.forward_traced(x)
+        _, fresh = model.forward_traced(other)
     assert first is not None and again.window_groups is not None and torch.equal(first, again.window_groups)
+    assert fresh.window_groups is not None and not torch.equal(first, fresh.window_groups)  # this call's
     assert first.shape == (16, 16)
     windows = first.view(4, 4, 4, 4).permute(0, 2, 1, 3).reshape(16, 16)  # (window, position)
     for w in range(16):

@@ -49,6 +49,7 @@ class ReplayResult:
     requests: int
     hits: int
     prefetch_hits: int
+    peak_bytes: int = 0  # the most the store ever held
 
     @property
     def hit_rate(self) -> float:
@@ -73,7 +74,7 @@ def replay(
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     resident: dict[Hashable, int] = {}
     prefetched: set[Hashable] = set()
-    used = hits = prefetch_hits = requests = 0
+    used = hits = prefetch_hits = requests = peak = 0
 
     def insert(key: Hashable, force: bool) -> None:  # force: a prefetch, admitted without the test
         nonlocal used
@@ -89,6 +90,8 @@ def replay(
                 policy.on_remove(victim)
         resident[key] = size
         used += size
+        nonlocal peak
+        peak = max(peak, used)
         policy.on_insert(key, size, prefetched=force)
 
     for key in trace:
@@ -108,4 +111,4 @@ def replay(
                     insert(nxt, force=True)
                     if nxt in resident:
                         prefetched.add(nxt)
-    return ReplayResult(requests=requests, hits=hits, prefetch_hits=prefetch_hits)
+    return ReplayResult(requests=requests, hits=hits, prefetch_hits=prefetch_hits, peak_bytes=peak)
