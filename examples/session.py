@@ -36,7 +36,9 @@ def main() -> None:
 
     r = vitedge.evaluate(model, "cifar10", baseline="cifar-vit", limit=args.limit)
     print(f"top-1 {r['top1']:.4f} (baseline {r['baseline_top1']:.4f}) on {r['n']} CIFAR-10 test images")
-    speed = vitedge.bench(model, baseline="cifar-vit", batch=64, min_seconds=args.seconds)
+    speed = vitedge.bench(
+        model, baseline="cifar-vit", batch=64, min_seconds=args.seconds, max_seconds=10 * args.seconds
+    )
     print(f"speed-up {speed['variants'][0]['speedup']:.2f}x at batch 64 (one interleaved run)")
 
     out = args.out or tempfile.mkdtemp(prefix="vitedge-session-")

@@ -137,7 +137,7 @@ def video_(
     ] = False,
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="first N frames only")] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="PNG over time (default <video>-reuse.png)")
+        Path | None, typer.Option("--plot", help="write a PNG of cosine and reuse over time here")
     ] = None,
     img_size: ImgOpt = None,
     weights: WeightsOpt = None,
@@ -162,7 +162,7 @@ def video_(
         file,
         config=config,
         max_frames=max_frames,
-        plot=plot if plot is not None else Path(f"{file.stem}-reuse.png"),
+        plot=plot,
         img_size=img_size,
         weights=weights,
         threads=threads,

@@ -25,6 +25,15 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+DEBUG = {"on": False}  # set by --debug: show the traceback instead of a one-line error
+
+
+@app.callback()
+def _options(  # the options every command shares, given before it: vitedge --debug eval ...
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks, not one-line errors")] = False,
+) -> None:
+    DEBUG["on"] = debug
+
 
 ModelArg = Annotated[
     str, typer.Argument(help="vit4mnist, cifar-vit, timm:<name>, hf:vit, hf:<dir>, or an optimised dir")
@@ -35,6 +44,13 @@ OptOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="torch threads", min=1)]
 ImgOpt = Annotated[int | None, typer.Option("--img-size", help="input size (default: the model's)")]
+PrecisionOpt = Annotated[
+    float,
+    typer.Option("--precision", help="time until each speed-up's 95 % interval is within this fraction"),
+]
+MaxSecondsOpt = Annotated[
+    float, typer.Option("--max-seconds", help="stop timing a comparison after this long, precise or not")
+]
 WeightsOpt = Annotated[
     Path | None, typer.Option("--weights", help="local .safetensors weights for timm: models")
 ]
@@ -51,13 +67,17 @@ def emit(obj: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], 
 
 
 def user_errors(fn: F) -> F:
-    """Turn user-facing errors into one line on stderr and exit status 2."""
+    """Turn the errors bad user input raises (``ValueError`` and missing or unreadable paths) into one line
+    on stderr and exit status 2. Anything else is a bug and keeps its traceback, as everything does with
+    ``--debug``."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+            if DEBUG["on"]:
+                raise
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -121,6 +122,11 @@ def run_eval(
     _check_positive("batch", batch)
     _check_positive("limit", limit)
     configs = parse_options(opts or [])
+    if reference and not configs:
+        raise ValueError(
+            "--reference compares a variant with the unmodified model; give -O options (with -O, the "
+            "comparison keys mean_cosine and top1_agreement are always reported)"
+        )
     base = load(model_id, weights=weights, img_size=img_size)
     models: dict[str, torch.nn.Module] = {"baseline": base}
     if configs:
@@ -158,10 +164,21 @@ def run_eval(
         out["baseline_top5"] = results[0].top5
         if main.n_holdout:
             out["baseline_top1_holdout"] = results[0].top1_holdout
-    if reference or configs:
-        out["mean_cosine"] = main.mean_cosine if configs else 1.0
-        out["top1_agreement"] = main.top1_agreement if configs else 1.0
+    if configs:
+        out["mean_cosine"] = main.mean_cosine
+        out["top1_agreement"] = main.top1_agreement
     return out
+
+
+def timing_input(enc: Encoder, batch: int, data: str | None) -> torch.Tensor:
+    """What ``bench`` and ``sweep`` time on: random input, or ``batch`` real images of ``data`` drawn evenly
+    across the whole set (the test sets are stored sorted by class, so this is class-balanced)."""
+    if data is None:
+        return enc.example_input(batch)
+    dataset = open_dataset(data, enc.preprocess)
+    n = len(dataset)  # type: ignore[arg-type]
+    picks = np.linspace(0, n - 1, num=batch).round().astype(np.int64) if batch <= n else np.arange(batch) % n
+    return torch.stack([dataset[int(i)][0] for i in picks])
 
 
 def run_bench(
@@ -171,7 +188,10 @@ def run_bench(
     batch: int = 16,
     threads: int = 2,
     min_seconds: float = 3.0,
+    max_seconds: float = 30.0,
+    precision: float = 0.03,
     iters: int = 5,
+    data: str | None = None,
     img_size: int | None = None,
     weights: Path | None = None,
     console: Console | None = None,
@@ -179,21 +199,31 @@ def run_bench(
     _check_positive("batch", batch)
     _check_positive("iters", iters)
     configs = parse_options(opts or [])
-    models: dict[str, torch.nn.Module] = {"baseline": load(model_id, weights=weights, img_size=img_size)}
+    base = load(model_id, weights=weights, img_size=img_size)
+    models: dict[str, torch.nn.Module] = {"baseline": base}
     if configs:
         models[variant_name(opts or [])] = build_model(model_id, configs, img_size=img_size, weights=weights)
     cfg = BenchConfig(
-        batch=batch, threads=threads, min_iters=iters, max_iters=max(iters, 200), min_seconds=min_seconds
+        batch=batch,
+        threads=threads,
+        min_iters=iters,
+        max_iters=max(iters, 1000),
+        min_seconds=min_seconds,
+        max_seconds=max(max_seconds, min_seconds),
+        precision=precision,
     )
-    x = models["baseline"].example_input(batch)  # type: ignore[operator]
+    x = timing_input(base, batch, data)
     with _progress(console) as progress:
         task = progress.add_task(f"bench {model_id}", total=None)
         results = bench(models, x, cfg, progress=lambda i, _n: progress.update(task, completed=i))
-    return {
+    out: dict[str, Any] = {
         "model": model_id,
         "baseline": results[0].to_json(),
         "variants": [r.to_json() for r in results[1:]],
     }
+    if data is not None:
+        out["data"] = data
+    return out
 
 
 def run_sweep(
@@ -206,6 +236,8 @@ def run_sweep(
     plot: Path | None = None,
     threads: int = 2,
     min_seconds: float = 2.0,
+    max_seconds: float = 20.0,
+    precision: float = 0.03,
     img_size: int | None = None,
     weights: Path | None = None,
     console: Console | None = None,
@@ -220,8 +252,16 @@ def run_sweep(
         " ".join(describe(c) for c in stack): build_model(model_id, stack, img_size=img_size, weights=weights)
         for stack in stacks
     }
-    x = base.example_input(batch)
-    cfg = BenchConfig(batch=batch, threads=threads, min_iters=3, max_iters=100, min_seconds=min_seconds)
+    x = timing_input(base, batch, data)  # real images when --data is given: data-dependent techniques vary
+    cfg = BenchConfig(
+        batch=batch,
+        threads=threads,
+        min_iters=3,
+        max_iters=1000,
+        min_seconds=min_seconds,
+        max_seconds=max(max_seconds, min_seconds),
+        precision=precision,
+    )
     with _progress(console) as progress:
         task = progress.add_task(f"sweep {model_id}", total=len(variants))
         base_ips, timed = bench_against_baseline(
@@ -231,8 +271,13 @@ def run_sweep(
             {
                 "name": name,
                 "images_per_s": v.images_per_s,
+                "baseline_images_per_s": v.baseline_images_per_s,
                 "speedup": v.speedup,
+                "speedup_low": v.speedup_low,
+                "speedup_high": v.speedup_high,
                 "p50_ms": v.p50_ms,
+                "iterations": v.iterations,
+                "stop": v.stop,
                 "macs": variants[name].arch().macs,
             }
             for name, v in timed.items()

@@ -61,7 +61,7 @@ def demo_rows(
     with console.status(f"evaluating {model_id} and {len(variants)} variants on {data}"):
         results = {r.name: r for r in evaluate(models, as_tensor_batches(dataset, 500))}
     x = base.example_input(batch)
-    cfg = BenchConfig(batch=batch, min_iters=5, max_iters=100, min_seconds=2.0)
+    cfg = BenchConfig(batch=batch, min_iters=5, max_iters=400, min_seconds=2.0, max_seconds=8.0)
     counted = count_flops(base, base.example_input(1)).total
     macs = base.arch().macs
     console.print(
@@ -106,7 +106,10 @@ def main() -> int:
             console.print(f"[yellow]skip {model_id}: not trained yet ('vitedge train {model_id}')[/]")
             continue
         rows += demo_rows(model_id, data, batch, variants, console)
-    Console().print(
+    out = Console()
+    if not out.is_terminal:  # piped to a file or a CI log: print the table whole, not cut to 80 columns
+        out = Console(width=200)
+    out.print(
         summary_table(rows, "vitedge demo: top-1 on real data and speed vs the baseline, same run, 2 threads")
     )
     return 0

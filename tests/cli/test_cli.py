@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from vitedge.cli import app
@@ -53,13 +54,69 @@ def test_eval_with_variant_and_reference() -> None:
 
 
 def test_bench_json_keys() -> None:
-    out = run_json("bench", "vit4mnist", "-O", "bf16", "--batch", "8", "--min-seconds", "0.2", "--iters", "3")
+    out = run_json(
+        "bench",
+        "vit4mnist",
+        "-O",
+        "bf16",
+        "--batch",
+        "8",
+        "--min-seconds",
+        "0.2",
+        "--iters",
+        "3",
+        "--max-seconds",
+        "1",
+    )
     assert out["baseline"]["name"] == "baseline"
     (variant,) = out["variants"]
     assert variant["name"] == "bf16"
-    for key in ("batch", "threads", "p50_ms", "p95_ms", "images_per_s", "speedup"):
-        assert key in variant
-    assert variant["speedup"] == pytest.approx(variant["images_per_s"] / out["baseline"]["images_per_s"])
+    keys = ("batch", "threads", "p50_ms", "p95_ms", "images_per_s", "speedup", "speedup_low", "speedup_high")
+    assert set(keys) <= set(variant)
+    assert variant["speedup"] == variant["images_per_s"] / out["baseline"]["images_per_s"]  # the identity
+    assert variant["speedup_low"] <= variant["speedup"] <= variant["speedup_high"]
+    assert variant["stop"] in ("precision", "time cap", "iteration cap")
+
+
+def test_reference_without_options_is_refused() -> None:
+    bad = runner.invoke(app, ["eval", "vit4mnist", "--data", "mnist", "--limit", "10", "--reference"])
+    assert bad.exit_code == 2 and "give -O options" in bad.stderr
+
+
+def test_debug_shows_the_traceback() -> None:
+    quiet = runner.invoke(app, ["profile", "no-such-model"])
+    assert quiet.exit_code == 2 and "unknown model id" in quiet.stderr
+    loud = runner.invoke(app, ["--debug", "profile", "no-such-model"])
+    assert isinstance(loud.exception, ValueError)
+
+
+def test_bench_on_real_images_drawn_across_the_set() -> None:
+    """adaptive's keep rate depends on the image: --data times it on real digits of every class."""
+    from vitedge.commands import timing_input
+    from vitedge.data import open_dataset
+    from vitedge.models import load
+
+    enc = load("cifar-vit")
+    x = timing_input(enc, 20, "cifar10")
+    cifar = open_dataset("cifar10", enc.preprocess)
+    picks = [round(i * (len(cifar) - 1) / 19) for i in range(20)]
+    assert set(cifar.labels[picks].tolist()) == set(range(10))  # stored by class, drawn evenly: every class
+    assert torch.equal(x[0], cifar[0][0]) and torch.equal(x[-1], cifar[len(cifar) - 1][0])
+    out = run_json(
+        "bench",
+        "vit4mnist",
+        "-O",
+        "adaptive",
+        "--data",
+        "mnist",
+        "--batch",
+        "16",
+        "--min-seconds",
+        "0.2",
+        "--max-seconds",
+        "1",
+    )
+    assert out["data"] == "mnist" and out["variants"][0]["speedup"] > 0
 
 
 def test_sweep_writes_plot(tmp_path) -> None:
@@ -77,11 +134,17 @@ def test_sweep_writes_plot(tmp_path) -> None:
         "8",
         "--min-seconds",
         "0.2",
+        "--max-seconds",
+        "1",
         "--plot",
         str(png),
     )
     assert [r["name"] for r in out["rows"]] == ["bf16", "bf16:mode=autocast"]
-    assert {"top1", "images_per_s", "speedup", "macs"} <= set(out["rows"][0])
+    keys = {"top1", "images_per_s", "baseline_images_per_s", "speedup", "speedup_low", "speedup_high", "macs"}
+    assert keys <= set(out["rows"][0])
+    for row in out["rows"]:  # each row against the baseline of its own interleaved pair
+        assert row["speedup"] == row["images_per_s"] / row["baseline_images_per_s"]
+        assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
     assert "top1" in out["baseline"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from support import SUPPORTED_IDS, load_cached
+from support import load_cached
 from vitedge.models import load, parse_model_id
 from vitedge.models.base import Encoder
 
@@ -138,6 +138,12 @@ def test_hf_directory_roundtrip(tmp_path) -> None:
     with torch.no_grad():
         assert torch.allclose(enc(x), src(x), atol=1e-5)
     assert enc.preprocess.mean == (0.5, 0.5, 0.5)
+    pickled = tmp_path / "pickled"  # the same model as a pickled checkpoint only (pytorch_model.bin)
+    pickled.mkdir()
+    (pickled / "config.json").write_text((tmp_path / "config.json").read_text())
+    torch.save(src.model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"no \.safetensors weights"):
+        load(f"hf:{pickled}")
 
 
 @pytest.mark.parametrize(
@@ -196,7 +202,8 @@ def test_parse_model_id() -> None:
     assert parse_model_id("timm:deit_tiny_patch16_224") == ("timm", "deit_tiny_patch16_224")
     assert parse_model_id("hf:vit") == ("hf", "vit")
     assert parse_model_id("cifar-vit") == ("project", "cifar-vit")
-    assert set(SUPPORTED_IDS) >= {"vit4mnist", "hf:vit"}
+    with pytest.raises(ValueError, match="unknown model id"):
+        parse_model_id("resnet50")
 
 
 @pytest.mark.parametrize("model_id", ["timm:eva02_tiny_patch14_224", "timm:vit_small_patch14_reg4_dinov2"])

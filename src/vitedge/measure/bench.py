@@ -5,7 +5,12 @@ Timing rules (shared machines are noisy, so only ratios measured together are tr
 - every model is warmed up first, then timed iterations are interleaved (baseline, variant 1, ..., baseline,
   variant 1, ...), so drift in machine load hits every model alike;
 - ``images_per_s`` is ``batch / median iteration time``; ``speedup`` is a variant's ``images_per_s`` over the
-  baseline's from the same run.
+  baseline's from the same run;
+- every speed-up comes with a 95 % interval (``speedup_low``, ``speedup_high``) from resampling the paired
+  rounds (the baseline's and the variant's times of one round stay together) and recomputing that same
+  ratio of medians, so ``speedup_low <= speedup <= speedup_high``;
+- rounds go on until every interval's half-width is at most ``precision`` of its ratio, or a cap is hit
+  (``max_seconds``, ``max_iters``); ``stop`` says which.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,8 +30,9 @@ ProgressFn = Callable[[int, int], None]
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     """How to time: ``batch`` images per call, ``threads`` torch threads, ``warmup`` untimed calls per model,
-    then rounds of interleaved timed calls until both ``min_iters`` rounds and ``min_seconds`` have passed
-    (capped at ``max_iters``)."""
+    then rounds of interleaved timed calls: at least ``min_iters`` rounds and ``min_seconds``, then on until
+    every speed-up's 95 % interval has a half-width of at most ``precision`` (a fraction of the ratio), or
+    ``max_seconds`` have passed, or ``max_iters`` rounds."""
 
     batch: int = 16
     threads: int = 2
@@ -33,6 +40,8 @@ class BenchConfig:
     min_iters: int = 5
     max_iters: int = 50
     min_seconds: float = 3.0
+    precision: float = 0.03
+    max_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if self.batch < 1:
@@ -44,8 +53,12 @@ class BenchConfig:
                 f"need warmup >= 0 and 1 <= min_iters <= max_iters, got {self.warmup}, "
                 f"{self.min_iters}, {self.max_iters}"
             )
-        if self.min_seconds < 0:
-            raise ValueError(f"min_seconds must be >= 0, got {self.min_seconds}")
+        if self.min_seconds < 0 or self.max_seconds < self.min_seconds:
+            raise ValueError(
+                f"need 0 <= min_seconds <= max_seconds, got {self.min_seconds} and {self.max_seconds}"
+            )
+        if not 0 < self.precision < 1:
+            raise ValueError(f"precision is a fraction of the speed-up in (0, 1), got {self.precision}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,12 +71,44 @@ class BenchResult:
     images_per_s: float
     iterations: int
     speedup: float | None = None
+    speedup_low: float | None = None  # 95 % interval of speedup, from the paired rounds
+    speedup_high: float | None = None
+    baseline_images_per_s: float | None = None  # the baseline timed in the same rounds
+    stop: str = ""  # why timing stopped: "precision", "time cap" or "iteration cap"
 
     def to_json(self) -> dict[str, object]:
-        d = asdict(self)
-        if self.speedup is None:
-            d.pop("speedup")
-        return d
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+RESAMPLES = 1000
+
+
+def ratio_interval(
+    base_times: list[float], variant_times: list[float], *, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """``(ratio, low, high)``: ``median(base) / median(variant)`` and its 95 % paired-bootstrap interval.
+
+    Rounds are resampled with replacement as pairs (round i's two times together), the ratio recomputed on
+    each resample, and the 2.5 and 97.5 percentiles taken; the interval always contains the ratio.
+    """
+    b = np.asarray(base_times, dtype=np.float64)
+    v = np.asarray(variant_times, dtype=np.float64)
+    if b.shape != v.shape or b.size == 0:
+        raise ValueError(f"need paired, non-empty times, got {b.size} and {v.size}")
+    ratio = float(np.median(b) / np.median(v))
+    idx = np.random.default_rng(seed).integers(0, b.size, size=(resamples, b.size))
+    ratios = np.median(b[idx], axis=1) / np.median(v[idx], axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return ratio, min(float(low), ratio), max(float(high), ratio)
+
+
+def _precise(times: dict[str, list[float]], precision: float) -> bool:
+    names = list(times)
+    for name in names[1:]:
+        ratio, low, high = ratio_interval(times[names[0]], times[name], resamples=200)
+        if (high - low) / 2 > precision * ratio:
+            return False
+    return True
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -91,6 +136,7 @@ def bench(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     times: dict[str, list[float]] = {name: [] for name in models}
+    stop = ""
     try:
         with torch.inference_mode():
             for m in models.values():
@@ -99,9 +145,7 @@ def bench(
                     m(x)
             start = time.perf_counter()
             rounds = 0
-            while rounds < config.max_iters and (
-                rounds < config.min_iters or time.perf_counter() - start < config.min_seconds
-            ):
+            while not stop:
                 for name, m in models.items():
                     t0 = time.perf_counter()
                     m(x)
@@ -109,18 +153,29 @@ def bench(
                 rounds += 1
                 if progress:
                     progress(rounds, config.max_iters)
+                elapsed = time.perf_counter() - start
+                if rounds < config.min_iters or elapsed < config.min_seconds:
+                    continue
+                if _precise(times, config.precision):
+                    stop = "precision"
+                elif elapsed >= config.max_seconds:
+                    stop = "time cap"
+                elif rounds >= config.max_iters:
+                    stop = "iteration cap"
     finally:
         torch.set_num_threads(previous_threads)
     results: list[BenchResult] = []
-    base_ips = None
+    base_name = next(iter(times))
+    base_ips = config.batch / statistics.median(times[base_name])
     for name, ts in times.items():
         p50 = statistics.median(ts)
         ips = config.batch / p50
-        if base_ips is None:
-            base_ips = ips
-            speedup = None
-        else:
-            speedup = ips / base_ips
+        ratio: dict[str, float | None] = {}
+        if name != base_name:
+            _, low, high = ratio_interval(times[base_name], ts)
+            point = ips / base_ips  # the contract's identity: images_per_s / baseline_images_per_s
+            ratio = {"speedup": point, "speedup_low": min(low, point), "speedup_high": max(high, point)}
+            ratio["baseline_images_per_s"] = base_ips
         results.append(
             BenchResult(
                 name=name,
@@ -130,7 +185,8 @@ def bench(
                 p95_ms=_percentile(ts, 0.95) * 1e3,
                 images_per_s=ips,
                 iterations=len(ts),
-                speedup=speedup,
+                stop=stop,
+                **ratio,  # type: ignore[arg-type]
             )
         )
     return results

@@ -238,7 +238,9 @@ def _load_dir(path: Path) -> Encoder:
     }
     if model_type not in loaders:
         raise ValueError(f"{path}: model_type {model_type!r} is not supported (one of {sorted(loaders)})")
-    model = loaders[model_type].from_pretrained(str(path), local_files_only=True)
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{path} has no .safetensors weights; vitedge loads no pickled checkpoints (.bin)")
+    model = loaders[model_type].from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     proc_file = path / "preprocessor_config.json"
     proc = json.loads(proc_file.read_text()) if proc_file.is_file() else {}
     pre = preprocess_from_processor(proc, model.config.image_size)

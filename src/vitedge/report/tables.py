@@ -73,7 +73,7 @@ def print_eval(r: dict[str, Any], console: Console) -> None:
 def print_bench(r: dict[str, Any], console: Console) -> None:
     b = r["baseline"]
     t = Table(title=f"{r['model']}: batch {b['batch']}, {b['threads']} threads (interleaved)")
-    for col in ("variant", "p50 ms", "p95 ms", "images/s", "speed-up"):
+    for col in ("variant", "p50 ms", "p95 ms", "images/s", "speed-up", "95 % interval"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     for row in [b, *r["variants"]]:
         sp = row.get("speedup")
@@ -83,20 +83,40 @@ def print_bench(r: dict[str, Any], console: Console) -> None:
             f"{row['p95_ms']:.2f}",
             f"{row['images_per_s']:.1f}",
             "1.00x" if sp is None else f"{sp:.2f}x",
+            _interval(row),
         )
     console.print(t)
+    console.print(_stopped([b, *r["variants"]]) + (f"; on {r['data']} images" if r.get("data") else ""))
+
+
+def _interval(row: dict[str, Any]) -> str:
+    if row.get("speedup_low") is None:
+        return ""
+    return f"{row['speedup_low']:.2f}-{row['speedup_high']:.2f}x"
+
+
+def _stopped(rows: list[dict[str, Any]]) -> str:
+    """Why timing stopped, in words (the interval target met, or a cap hit first)."""
+    reasons = sorted({row.get("stop", "") for row in rows} - {""})
+    iters = max(row.get("iterations", 0) for row in rows)
+    if reasons == ["precision"]:
+        return f"timing stopped after {iters} rounds: every interval within the precision target"
+    caps = " / ".join(reasons) or "cap"
+    return f"timing stopped after {iters} rounds at the {caps}: intervals may be wider than the target"
 
 
 def print_sweep(r: dict[str, Any], console: Console) -> None:
     b = r["baseline"]
     t = Table(title=f"{r['model']} sweep: batch {r['batch']}, {r['threads']} threads")
-    for col in ("setting", "MACs", "images/s", "speed-up", "top-1"):
+    for col in ("setting", "MACs", "images/s", "baseline images/s", "speed-up", "95 % interval", "top-1"):
         t.add_column(col, justify="left" if col == "setting" else "right")
     t.add_row(
         "baseline",
         _g(b["macs"]),
         f"{b['images_per_s']:.1f}",
+        "",
         "1.00x",
+        "",
         f"{b['top1']:.4f}" if "top1" in b else "",
     )
     for row in r["rows"]:
@@ -104,10 +124,13 @@ def print_sweep(r: dict[str, Any], console: Console) -> None:
             row["name"],
             _g(row["macs"]),
             f"{row['images_per_s']:.1f}",
+            f"{row['baseline_images_per_s']:.1f}",
             f"{row['speedup']:.2f}x",
+            _interval(row),
             f"{row['top1']:.4f}" if "top1" in row else "",
         )
     console.print(t)
+    console.print(_stopped(r["rows"]) + " (each row timed against its own interleaved baseline)")
     if "plot" in r:
         console.print(f"plot: {r['plot']}")
 
