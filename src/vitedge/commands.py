@@ -177,6 +177,8 @@ def timing_input(enc: Encoder, batch: int, data: str | None) -> torch.Tensor:
         return enc.example_input(batch)
     dataset = open_dataset(data, enc.preprocess)
     n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError(f"--data {data} holds no images to time on")
     picks = np.linspace(0, n - 1, num=batch).round().astype(np.int64) if batch <= n else np.arange(batch) % n
     return torch.stack([dataset[int(i)][0] for i in picks])
 

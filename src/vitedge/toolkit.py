@@ -127,7 +127,11 @@ def bench(
         models["baseline"] = _encoder(baseline)
     models[_name(enc)] = enc
     cfg = BenchConfig(
-        batch=batch, threads=threads, min_seconds=min_seconds, max_seconds=max(min_seconds, max_seconds)
+        batch=batch,
+        threads=threads,
+        max_iters=1000,
+        min_seconds=min_seconds,
+        max_seconds=max(min_seconds, max_seconds),
     )
     results = run(models, enc.example_input(batch), cfg)
     out: dict[str, Any] = {"model": enc.model_id, "variants": [results[-1].to_json()]}

@@ -135,6 +135,15 @@ def test_matching_merges_most_similar_and_keeps_original_order() -> None:
     assert order[:2].tolist() == [0.0, 1.0]  # class then distillation token
     a_left = order[2 : 2 + (6 - 1 - 3)]
     assert torch.equal(a_left, a_left.sort().values) and all(int(v) % 2 == 0 for v in a_left)
+    # register tokens too (class + 4 registers = 5 protected, on both sides of the split): they lead in order,
+    # are never merged away and never receive a merge
+    x = torch.randn(2, 21, 4, generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(21.0)[None, :, None].expand(2, -1, -1)
+    merge = bipartite_soft_matching(x, 8, num_prefix=5)
+    out = merge(pos, "amax")[:, :, 0]
+    assert out.shape == (2, 13) and (out[:, :5] == torch.arange(5.0)).all()
+    size = merge(torch.ones(2, 21, 1), "sum")[:, :, 0]
+    assert (size[:, :5] == 1).all() and size.sum(1).tolist() == [21.0, 21.0]
 
 
 def test_merge_rejects_bad_config() -> None:

@@ -101,4 +101,3 @@ def test_plain_average_merge_is_tome(cifar, r: int) -> None:
         ref = tome_logits(enc, x, r)
     cosine = F.cosine_similarity(ours, ref, dim=1)
     assert cosine.min() >= 0.9999, f"r={r}: lowest per-image logit cosine {cosine.min():.6f}"
-    assert (ours.argmax(1) == ref.argmax(1)).all()

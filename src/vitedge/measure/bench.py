@@ -15,6 +15,7 @@ Timing rules (shared machines are noisy, so only ratios measured together are tr
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +53,10 @@ class BenchConfig:
             raise ValueError(
                 f"need warmup >= 0 and 1 <= min_iters <= max_iters, got {self.warmup}, "
                 f"{self.min_iters}, {self.max_iters}"
+            )
+        if not (math.isfinite(self.min_seconds) and math.isfinite(self.max_seconds)):
+            raise ValueError(
+                f"min_seconds and max_seconds must be finite, got {self.min_seconds} and {self.max_seconds}"
             )
         if self.min_seconds < 0 or self.max_seconds < self.min_seconds:
             raise ValueError(
@@ -103,9 +108,10 @@ def ratio_interval(
 
 
 def _precise(times: dict[str, list[float]], precision: float) -> bool:
+    """Whether every variant's interval (the same one the result reports) is within ``precision``."""
     names = list(times)
     for name in names[1:]:
-        ratio, low, high = ratio_interval(times[names[0]], times[name], resamples=200)
+        ratio, low, high = ratio_interval(times[names[0]], times[name])
         if (high - low) / 2 > precision * ratio:
             return False
     return True
@@ -154,14 +160,14 @@ def bench(
                 if progress:
                     progress(rounds, config.max_iters)
                 elapsed = time.perf_counter() - start
-                if rounds < config.min_iters or elapsed < config.min_seconds:
+                if rounds >= config.max_iters:  # the cap holds even before min_seconds
+                    stop = "precision" if _precise(times, config.precision) else "iteration cap"
+                elif rounds < config.min_iters or elapsed < config.min_seconds:
                     continue
-                if _precise(times, config.precision):
+                elif _precise(times, config.precision):
                     stop = "precision"
                 elif elapsed >= config.max_seconds:
                     stop = "time cap"
-                elif rounds >= config.max_iters:
-                    stop = "iteration cap"
     finally:
         torch.set_num_threads(previous_threads)
     results: list[BenchResult] = []

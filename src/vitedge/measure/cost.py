@@ -180,7 +180,8 @@ def _matrix_elements(op: LinearOp) -> int:
 
 
 def _layer_weight_bytes(layer: LayerSpec, db: DtypeBytes) -> int:
-    matrix = sum(_matrix_elements(op) for op in layer.ops if isinstance(op, LinearOp))
+    # a product of two activations (token matching, weight=False) holds no weights
+    matrix = sum(_matrix_elements(op) for op in layer.ops if isinstance(op, LinearOp) and op.weight)
     return matrix * db.matrix_weight + (layer.params - matrix) * db.other_param
 
 

@@ -28,7 +28,7 @@ other tokens in the next block.
 MLERP against ToMe's average under that matching, on the 10,000 CIFAR-10 test images (cifar-vit, fp32
 85.29 %; ``vitedge sweep cifar-vit -O merge:r=3,4,5,6[,keep_norm=0] --data cifar10 --batch 64``): r=3 -0.38 pp
 against -0.47, r=4 -0.49 against -0.66, r=5 -0.92 against -0.93, r=6 -1.35 against -1.38, at the same speed.
-MLERP stays the default: it is never worse and helps most where few tokens merge; the gap that made it matter
+MLERP stays the default: no worse within noise, and better where few tokens merge; the gap that made it matter
 (r=5: -0.77 against -1.02 under the old matching) came mostly from the old token order.
 """
 
