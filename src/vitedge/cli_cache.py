@@ -15,6 +15,7 @@ from vitedge.cli_common import (
     ImgOpt,
     JsonOpt,
     ModelArg,
+    OptOpt,
     ThreadsOpt,
     WeightsOpt,
     app,
@@ -41,10 +42,16 @@ def encode_(
     batch: Annotated[int, typer.Option("--batch", help="images per forward for the misses")] = 16,
     limit: Annotated[int | None, typer.Option("--limit", help="encode the first N images only")] = None,
     cache_dir: CacheDirOpt = None,
+    opt: OptOpt = None,
+    weights: WeightsOpt = None,
+    max_pixels: Annotated[
+        int | None, typer.Option("--max-pixels", help="refuse larger images (default 64 Mpx)", min=1)
+    ] = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Encode a folder of images through the feature cache; print the hit rate and the time saved."""
+    """Encode a folder of images through the feature cache (with an -O stack); print the hit rate and the
+    time saved. Files that cannot be read are reported (JSON ``errors``) and the rest encoded."""
     from vitedge.cache.encode import run_encode
     from vitedge.commands import _progress
 
@@ -59,14 +66,18 @@ def encode_(
             limit=limit,
             threads=threads,
             cache_dir=cache_dir,
+            opts=opt or [],
+            weights=weights,
+            max_pixels=max_pixels,
             progress=lambda n, total: progress.update(task, completed=n, total=total),
         )
     emit(
         result,
         as_json,
         lambda r: err.print(
-            f"{r['images']} images: hit rate {r['hit_rate']:.1%}, {r['time_s']:.2f} s, "
-            f"time saved {r['time_saved_s']:.2f} s",
+            f"{r['encoded']} of {r['images']} images encoded: hit rate {r['hit_rate']:.1%}, "
+            f"{r['time_s']:.2f} s, time saved {r['time_saved_s']:.2f} s"
+            + "".join(f"\n  skipped {e['path']}: {e['reason']}" for e in r["errors"]),
             highlight=False,
         ),
     )

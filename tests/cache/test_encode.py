@@ -129,6 +129,63 @@ def test_cli_encode_then_served_from_cache(tmp_path: Path) -> None:
     assert third["hit_rate"] == 0.0
 
 
+def _png_bomb(path: Path, side: int) -> None:
+    """A tiny PNG whose header claims ``side`` x ``side`` pixels (the classic decompression bomb shape)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # signature, then length + type of IHDR
+    data[ihdr : ihdr + 8] = struct.pack(">II", side, side)
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def test_encode_reports_bad_files_and_encodes_the_rest(tmp_path: Path) -> None:
+    """A bomb, a truncated JPEG and a text file among real photos: every good photo is encoded, each bad file
+    is reported with its reason, and the command exits 0 (every file was handled)."""
+    src = sorted((data_root() / "imagenet-sample").iterdir())[:3]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in src:
+        (folder / p.name).symlink_to(p)
+    _png_bomb(folder / "bomb.png", 30_000)
+    (folder / "cut.jpg").write_bytes(src[0].read_bytes()[:2000])
+    (folder / "notes.jpg").write_text("not an image")
+    args = ["encode", "vit4mnist", str(folder), "--cache", "memory", "--json"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["images"] == 6 and out["encoded"] == 3 and out["misses"] == 3
+    reasons = {Path(e["path"]).name: e["reason"] for e in out["errors"]}
+    assert set(reasons) == {"bomb.png", "cut.jpg", "notes.jpg"}
+    assert "over the limit of" in reasons["bomb.png"] and "900000000 pixels" in reasons["bomb.png"]
+    assert "corrupt or truncated" in reasons["cut.jpg"] and "not an image" in reasons["notes.jpg"]
+    small = runner.invoke(app, [*args, "--max-pixels", "1000"])  # every photo is now over the limit
+    assert small.exit_code == 0 and json.loads(small.stdout)["encoded"] == 0
+    _png_bomb(folder / "bomb.png", 9_000)  # 81 Mpx: under PIL's own limits, over vitedge's 64 Mpx
+    again = json.loads(runner.invoke(app, args).stdout)
+    bomb = next(e["reason"] for e in again["errors"] if e["path"].endswith("bomb.png"))
+    assert "9000x9000 = 81000000 pixels, over the limit of 67108864" in bomb
+
+
+def test_encode_takes_an_optimisation_stack(tmp_path: Path) -> None:
+    src = sorted((data_root() / "imagenet-sample").iterdir())[:2]
+    args = ["encode", "vit4mnist", str(src[0].parent), "--limit", "2", "--cache", "memory", "--json"]
+    plain = json.loads(runner.invoke(app, args).stdout)
+    merged = json.loads(runner.invoke(app, [*args, "-O", "merge:r=2"]).stdout)
+    assert merged["name"] == "merge:r=2" and merged["namespace"] != plain["namespace"]
+    assert merged["shape"][0] < plain["shape"][0]  # fewer tokens leave the merged encoder
+    with pytest.raises(ValueError, match="corrupt or truncated"):  # the Python API raises by default
+        cut = tmp_path / "cut.jpg"
+        cut.write_bytes(src[0].read_bytes()[:2000])
+        vitedge.encode([cut], load("vit4mnist"), cache=None)
+
+
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["encode", "vit4mnist", str(tmp_path), "--cache", "memory,ssd"])
     assert res.exit_code == 2

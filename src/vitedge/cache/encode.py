@@ -45,14 +45,18 @@ class EncodeReport:
     lookup_s: float = 0.0  # time spent reading the cache
     namespace: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of files skipped
 
 
-def _pixels(image: ImageLike) -> torch.Tensor:
+_FILE_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def _pixels(image: ImageLike, max_pixels: int) -> torch.Tensor:
     """Any accepted image -> decoded uint8 ``(C, H, W)``."""
     from vitedge.data import read_image, to_uint8_tensor
 
     if isinstance(image, str | Path):
-        return to_uint8_tensor(read_image(image))
+        return to_uint8_tensor(read_image(image, max_pixels=max_pixels))
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.ndim != 3:
             raise ValueError(
@@ -91,9 +95,16 @@ def encode_report(
     cache: CacheLike = "memory",
     batch: int = 16,
     progress: Callable[[int], None] | None = None,
+    skip_bad_files: bool = False,
+    max_pixels: int | None = None,
 ) -> EncodeReport:
-    """Like :func:`encode`, and also count hits, misses and time (see :class:`EncodeReport`)."""
+    """Like :func:`encode`, and also count hits, misses and time (see :class:`EncodeReport`).
+
+    With ``skip_bad_files``, a file that cannot be read (undecodable, truncated, over ``max_pixels``) is
+    reported in ``errors`` and skipped, and ``features`` holds the files that were encoded, in order.
+    """
     from vitedge.data import build_transform
+    from vitedge.data.images import DEFAULT_MAX_PIXELS
     from vitedge.models import Encoder, load
 
     if batch < 1:
@@ -118,7 +129,17 @@ def encode_report(
         pending: list[tuple[int, str, torch.Tensor]] = []
         done = 0
         for i, item in enumerate(items):
-            px = _pixels(item)
+            try:
+                px = _pixels(item, max_pixels or DEFAULT_MAX_PIXELS)
+            except _FILE_ERRORS as e:
+                if not (skip_bad_files and isinstance(item, str | Path)):
+                    raise
+                report.errors.append({"path": str(item), "reason": str(e).splitlines()[0]})
+                log.warning("encode: skipped %s: %s", item, e)
+                done += 1
+                if progress:
+                    progress(done)
+                continue
             content = content_digest(px.numpy())
             if store is not None:
                 t0 = time.perf_counter()
@@ -141,7 +162,8 @@ def encode_report(
             done += _compute(enc, pending, out, store, digest, report)
             if progress:
                 progress(done)
-        report.features = torch.stack([t for t in out if t is not None]) if items else torch.empty(0)
+        encoded = [t for t in out if t is not None]
+        report.features = torch.stack(encoded) if encoded else torch.empty(0)
         return report
     finally:
         if owned and store is not None:
@@ -219,9 +241,9 @@ def list_images(directory: str | Path, *, limit: int | None = None) -> list[Path
 
 
 def _single_image_ms(enc: Any, path: Path) -> float:
-    from vitedge.data import build_transform
+    from vitedge.data import build_transform, read_image
 
-    x = build_transform(enc.preprocess)(Image.open(path).convert("RGB")).unsqueeze(0)
+    x = build_transform(enc.preprocess)(read_image(path)).unsqueeze(0)  # the guarded decode path
     _forward(enc, x)
     t0 = time.perf_counter()
     _forward(enc, x)
@@ -239,14 +261,20 @@ def run_encode(
     threads: int = 2,
     cache_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    opts: list[str] | None = None,
+    weights: Path | None = None,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
-    """Encode every image under ``directory`` through the cache; report hits and time saved."""
+    """Encode every image under ``directory`` through the cache (with the ``-O`` stack ``opts``); report
+    hits and time saved. A file that cannot be read is reported in ``errors`` and the rest are encoded."""
+    from vitedge.commands import build_model
+    from vitedge.options import parse_options
+
     files = list_images(directory, limit=limit)
     config = CacheConfig.parse(cache, value_format=value_format, disk_dir=cache_dir)
     torch.set_num_threads(threads)
-    from vitedge.models import load
-
-    enc = load(model_id)  # random-weight models come from a fixed seed: a stable namespace
+    # random-weight models come from a fixed seed: a stable namespace
+    enc = build_model(model_id, parse_options(opts or []), img_size=None, weights=weights)
     t0 = time.perf_counter()
     with FeatureCache(config) as store:
         rep = encode_report(
@@ -255,17 +283,26 @@ def run_encode(
             cache=store,
             batch=batch,
             progress=(lambda n: progress(n, len(files))) if progress else None,
+            skip_bad_files=True,
+            max_pixels=max_pixels,
         )
         total_s = time.perf_counter() - t0
-        per_image_ms = rep.compute_s * 1e3 / rep.misses if rep.misses else _single_image_ms(enc, files[0])
+        per_image_ms = rep.compute_s * 1e3 / rep.misses if rep.misses else 0.0
+        if not rep.misses and rep.hits:
+            good = [f for f in files if str(f) not in {e["path"] for e in rep.errors}]
+            per_image_ms = _single_image_ms(enc, good[0])
         tiers = store.report()
     saved = max(rep.hits * per_image_ms / 1e3 - rep.lookup_s, 0.0)
+    encoded = rep.hits + rep.misses
     return {
         "model": model_id,
+        "name": " ".join(opts or []) or "baseline",
         "images": len(files),
+        "encoded": encoded,
+        "errors": rep.errors,
         "hits": rep.hits,
         "misses": rep.misses,
-        "hit_rate": rep.hits / len(files),
+        "hit_rate": rep.hits / encoded if encoded else 0.0,
         "time_s": total_s,
         "compute_s": rep.compute_s,
         "lookup_s": rep.lookup_s,

@@ -43,6 +43,9 @@ _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,
 }
 _TRUNCATION_LOCK = threading.Lock()
+# The most pixels any decode path accepts (the header is checked before decoding): 64 Mpx, below PIL's own
+# DecompressionBombWarning band (from about 89 Mpx), so a bomb gets vitedge's error, never PIL's warning.
+DEFAULT_MAX_PIXELS = 64 * 2**20
 
 
 @contextmanager
@@ -74,7 +77,7 @@ def _normalise_mode(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image(path: str | Path) -> Image.Image:
+def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read and fully decode one image file.
 
     Args:
@@ -86,15 +89,16 @@ def read_image(path: str | Path) -> Image.Image:
 
     Raises:
         FileNotFoundError: ``path`` does not exist or is not a file (the message names it).
-        ValueError: the file is not an image, or is corrupt or truncated (the message names it).
+        ValueError: the file is not an image, is corrupt or truncated, or has more than ``max_pixels``
+            pixels (the message names it).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
-    return _decode(path, str(path))
+    return _decode(path, str(path), max_pixels)
 
 
-def decode_image_bytes(data: bytes, *, name: str) -> Image.Image:
+def decode_image_bytes(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Fully decode an encoded image held in memory (e.g. a tar member) to mode ``RGB`` or ``L``.
 
     Args:
@@ -104,22 +108,34 @@ def decode_image_bytes(data: bytes, *, name: str) -> Image.Image:
     Raises:
         ValueError: the bytes are not an image, or are corrupt or truncated (the message names ``name``).
     """
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, max_pixels)
 
 
-def _decode(source: Path | io.BytesIO, name: str) -> Image.Image:
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
     try:
         with _strict_decoding(), Image.open(source) as img:
+            w, h = img.size
+            if w * h > max_pixels:  # from the header, before a byte of pixels is decoded
+                raise _TooLarge(f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
             img.load()
             return _normalise_mode(img)
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image {name} is too large to decode safely: {e}") from e
+    except _TooLarge as e:
+        raise ValueError(f"{e} (--max-pixels)") from None
+    except Image.DecompressionBombError as e:  # PIL refuses far larger headers itself, at open
+        limit = f"over the limit of {max_pixels} pixels (--max-pixels)"
+        raise ValueError(f"image {name} is {limit}: {e}") from e
     except Image.UnidentifiedImageError as e:
         raise ValueError(f"{name} is not an image file PIL can read") from e
     except PermissionError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, ... on damaged data
         raise ValueError(f"image {name} is corrupt or truncated: {e}") from e
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def to_uint8_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
