@@ -47,6 +47,12 @@ def encode_(
     max_pixels: Annotated[
         int | None, typer.Option("--max-pixels", help="refuse larger images (default 64 Mpx)", min=1)
     ] = None,
+    redis_ttl: Annotated[
+        int | None, typer.Option("--redis-ttl", help="expire Redis entries after this many seconds", min=1)
+    ] = None,
+    redis_max_bytes: Annotated[
+        str | None, typer.Option("--redis-max-bytes", help="bound the Redis server's memory (LRU), e.g. 2GiB")
+    ] = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
@@ -69,6 +75,8 @@ def encode_(
             opts=opt or [],
             weights=weights,
             max_pixels=max_pixels,
+            redis_ttl_s=redis_ttl,
+            redis_max_bytes=redis_max_bytes,
             progress=lambda n, total: progress.update(task, completed=n, total=total),
         )
     emit(

@@ -69,3 +69,24 @@ def test_redis_down_local_tiers_still_serve(
     ) as cache:
         assert cache.get(NS, key(1)) is not None and cache.stats["disk"].hits == 1
         assert cache.report()["redis"]["available"] is False
+
+
+def test_ttl_and_size_bound_reach_the_server(redis_server: str) -> None:
+    import redis
+
+    from vitedge.cache.keys import entry_key
+    from vitedge.cache.tiers import REGISTRY_VERSION
+
+    cfg = CacheConfig(tiers=("redis",), redis_url=redis_server, redis_ttl_s=600, redis_max_bytes=64 << 20)
+    with FeatureCache(cfg) as cache:
+        cache.register(NS, {"model_id": "m"})
+        cache.put(NS, key(7), feats(7))
+        info = cache.report()["redis"]
+        assert info["entries"] == 1 and info["ttl_s"] == 600  # DBSIZE less the registry: no scan
+    client = redis.Redis.from_url(redis_server)
+    assert 0 < client.ttl(entry_key(NS, key(7))) <= 600
+    assert client.config_get("maxmemory")["maxmemory"] == str(64 << 20)
+    assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+    assert client.exists(f"vitedge:namespaces:v{REGISTRY_VERSION}")  # the registry key carries its version
+    with pytest.raises(ValueError, match="TTL"):
+        FeatureCache(CacheConfig(tiers=("redis",), redis_url=redis_server, redis_ttl_s=0))

@@ -176,7 +176,7 @@ def test_a_tampered_disk_row_is_never_unpickled(tmp_path: Path) -> None:
     db.close()
     again = DiskTier(tmp_path / "d")
     assert again.get(key) is None and not planted.exists()  # a miss; nothing ran
-    assert again.get(key) is None and again.info()["entries"] == 1  # dropped; the registry entry stays
+    assert again.get(key) is None and again.info()["entries"] == 0  # dropped (the registry is not an entry)
     assert NS in again.namespaces()
     with pytest.raises(TypeError, match="bytes or str"):
         again.put(entry_key(NS, content(8)), {"not": "bytes"}, namespace=NS)  # type: ignore[arg-type]

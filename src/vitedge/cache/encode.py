@@ -264,6 +264,8 @@ def run_encode(
     opts: list[str] | None = None,
     weights: Path | None = None,
     max_pixels: int | None = None,
+    redis_ttl_s: int | None = None,
+    redis_max_bytes: str | None = None,
 ) -> dict[str, Any]:
     """Encode every image under ``directory`` through the cache (with the ``-O`` stack ``opts``); report
     hits and time saved. A file that cannot be read is reported in ``errors`` and the rest are encoded."""
@@ -271,7 +273,15 @@ def run_encode(
     from vitedge.options import parse_options
 
     files = list_images(directory, limit=limit)
-    config = CacheConfig.parse(cache, value_format=value_format, disk_dir=cache_dir)
+    from vitedge.measure.memory import parse_bytes
+
+    config = CacheConfig.parse(
+        cache,
+        value_format=value_format,
+        disk_dir=cache_dir,
+        redis_ttl_s=redis_ttl_s,
+        redis_max_bytes=None if redis_max_bytes is None else parse_bytes(redis_max_bytes),
+    )
     torch.set_num_threads(threads)
     # random-weight models come from a fixed seed: a stable namespace
     enc = build_model(model_id, parse_options(opts or []), img_size=None, weights=weights)

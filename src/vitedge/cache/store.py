@@ -47,6 +47,8 @@ class CacheConfig:
         disk_dir: the disk tier's folder (default :func:`default_disk_dir`).
         disk_bytes: the disk tier's size limit.
         redis_url: the Redis address (default ``$VITEDGE_REDIS_URL``, then ``redis://127.0.0.1:6379/0``).
+        redis_ttl_s: expire Redis entries this many seconds after they are written (None: never).
+        redis_max_bytes: bound the Redis server's memory with its LRU (None: leave the server's setting).
         prefetch_depth: how many predicted next entries to prefetch into memory (0: off).
     """
 
@@ -57,6 +59,8 @@ class CacheConfig:
     disk_bytes: int = 8 << 30
     redis_url: str | None = None
     prefetch_depth: int = 2
+    redis_ttl_s: int | None = None
+    redis_max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -102,7 +106,12 @@ def _build_tier(name: str, config: CacheConfig) -> Tier:
         return MemoryTier(config.memory_bytes)
     if name == "disk":
         return DiskTier(config.disk_dir or default_disk_dir(), size_limit=config.disk_bytes)
-    return RedisTier(config.redis_url, cluster=name == "redis-cluster")
+    return RedisTier(
+        config.redis_url,
+        cluster=name == "redis-cluster",
+        ttl_s=config.redis_ttl_s,
+        max_bytes=config.redis_max_bytes,
+    )
 
 
 class FeatureCache:

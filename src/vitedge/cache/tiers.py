@@ -27,7 +27,10 @@ __all__ = ["DEFAULT_REDIS_URL", "DiskTier", "MemoryTier", "RedisTier", "Tier", "
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-_REGISTRY = f"{KEY_PREFIX}:namespaces"
+# The registry of namespaces a tier holds (digest -> namespace JSON); versioned, so a change of its layout
+# never misreads an old one. Version 2: every config field and its algorithm version in the namespace JSON.
+REGISTRY_VERSION = 2
+_REGISTRY = f"{KEY_PREFIX}:namespaces:v{REGISTRY_VERSION}"
 
 
 def redis_url(url: str | None = None) -> str:
@@ -282,34 +285,33 @@ class DiskTier:
         self._cache.delete(key, retry=True)
 
     def register(self, namespace: str, meta: dict[str, Any]) -> None:
-        self._cache.set(f"{_REGISTRY}:{namespace}", json.dumps(meta), tag="registry", retry=True)
+        with self._cache.transact(retry=True):  # one JSON object under one key: read without a scan
+            registry = self.namespaces()
+            registry[namespace] = meta
+            self._cache.set(_REGISTRY, json.dumps(registry), tag="registry", retry=True)
 
     def namespaces(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
         try:
-            keys = list(self._cache.iterkeys())
+            raw = self._cache.get(_REGISTRY, default=None, retry=True)
         except TamperedEntry as e:
-            log.warning("disk cache %s: %s; its namespace list is not read", self.directory, e)
-            return out
-        for key in keys:
-            if isinstance(key, str) and key.startswith(f"{_REGISTRY}:"):
-                try:
-                    raw = self._cache.get(key)
-                except TamperedEntry:
-                    continue
-                if isinstance(raw, str):
-                    out[key.rsplit(":", 1)[1]] = json.loads(raw)
-        return out
+            log.warning("disk cache %s: %s; its namespace registry is not read", self.directory, e)
+            return {}
+        return json.loads(raw) if isinstance(raw, str) else {}
 
     def drop_namespace(self, namespace: str) -> int:
         namespace_prefix(namespace)  # validates the digest
         self._cache.create_tag_index()
         n = int(self._cache.evict(namespace, retry=True))
-        self._cache.delete(f"{_REGISTRY}:{namespace}", retry=True)
+        with self._cache.transact(retry=True):
+            registry = self.namespaces()
+            if registry.pop(namespace, None) is not None:
+                self._cache.set(_REGISTRY, json.dumps(registry), tag="registry", retry=True)
         return n
 
     def info(self) -> dict[str, Any]:
-        return {"entries": len(self._cache), "bytes": int(self._cache.volume()), "path": str(self.directory)}
+        # len() is one SQL count, volume() one page count: no walk over the entries
+        entries = len(self._cache) - (1 if _REGISTRY in self._cache else 0)
+        return {"entries": entries, "bytes": int(self._cache.volume()), "path": str(self.directory)}
 
     def close(self) -> None:
         self._cache.close()
@@ -320,6 +322,12 @@ class RedisTier:
 
     Any Redis error makes the operation a miss (or a skipped write) and logs a warning; a single server that
     stops answering is not asked again for ``retry_after`` seconds, so the local tiers keep their speed.
+
+    ``ttl_s`` expires every entry that long after it is written. ``max_bytes`` bounds the server's memory
+    with its own LRU (``CONFIG SET maxmemory``, ``maxmemory-policy allkeys-lru``), which applies to the
+    whole server: give vitedge a server (or database) of its own. A server that refuses ``CONFIG`` (managed
+    Redis) keeps its own settings, with a warning. ``info`` reads counts without scanning keys: ``entries``
+    is the database's key count (``DBSIZE``) less the registry.
     """
 
     name = "redis"
@@ -330,9 +338,14 @@ class RedisTier:
         *,
         cluster: bool = False,
         ttl_s: int | None = None,
+        max_bytes: int | None = None,
         timeout_s: float = 0.5,
         retry_after: float = 5.0,
     ) -> None:
+        if ttl_s is not None and ttl_s < 1:
+            raise ValueError(f"the Redis TTL is a whole number of seconds >= 1, got {ttl_s}")
+        if max_bytes is not None and max_bytes < 1 << 20:
+            raise ValueError(f"the Redis size bound must be at least 1 MiB, got {max_bytes} bytes")
         import redis
         from redis.cluster import RedisCluster
 
@@ -356,6 +369,16 @@ class RedisTier:
                 self._client = redis.Redis.from_url(self.url, **opts)
         except self._errors as e:
             raise ValueError(f"cannot reach Redis at {self.url}: {e}") from None
+        self.max_bytes = max_bytes
+        if max_bytes is not None:
+            self._bound(max_bytes)
+
+    def _bound(self, max_bytes: int) -> None:
+        try:
+            self._client.config_set("maxmemory", str(max_bytes))
+            self._client.config_set("maxmemory-policy", "allkeys-lru")
+        except self._errors as e:
+            log.warning("Redis at %s refused CONFIG SET maxmemory (%s); it keeps its own bound", self.url, e)
 
     def _call(self, what: str, fn: Any, default: Any) -> Any:
         if not self.cluster and time.monotonic() < self._down_until:
@@ -402,13 +425,26 @@ class RedisTier:
         return int(self._call("invalidate", drop, 0))
 
     def count(self) -> int:
+        """The feature entries, counted exactly by scanning their keys (slow on a large server)."""
         return len(self._call("scan", lambda: self._keys(f"{KEY_PREFIX}:*:*"), []))
 
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"url": self.url, "cluster": self.cluster, "errors": self.errors}
-        keys = self._call("scan", lambda: self._keys(f"{KEY_PREFIX}:*:*"), None)
-        out["available"] = keys is not None
-        out["entries"] = len(keys) if keys is not None else None
+
+        def counts() -> tuple[int, int]:
+            if self.cluster:  # summed over the primaries (a plain DBSIZE asks one node)
+                from redis.cluster import RedisCluster
+
+                keys = int(self._client.dbsize(target_nodes=RedisCluster.PRIMARIES))
+            else:
+                keys = int(self._client.dbsize())
+            return keys - int(self._client.exists(_REGISTRY)), keys
+
+        got = self._call("dbsize", counts, None)
+        out["available"] = got is not None
+        out["entries"] = None if got is None else got[0]
+        out["ttl_s"] = self.ttl_s
+        out["max_bytes"] = self.max_bytes
         return out
 
     def ping(self) -> bool:
