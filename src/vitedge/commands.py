@@ -23,6 +23,7 @@ from vitedge.measure.evaluate import evaluate
 from vitedge.models import Encoder, load
 from vitedge.models.saved import check_writable, write_optimized
 from vitedge.options import parse_options, parse_sweep
+from vitedge.plan.explain import expected_macs
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -83,6 +84,12 @@ def run_profile(
     }
     out["img_size"] = list(enc.img_size)
     out.update(report.to_json())
+    # what the weights occupy as stored (parameters and buffers): for quantised layers the analytic count,
+    # which prices every matrix weight at the compute dtype, overstates them
+    stored = sum(t.numel() * t.element_size() for t in enc.state_dict().values())
+    out["stored_weight_bytes"] = stored
+    if any(config_name(c) in ("int8", "int8wo", "int4", "mixed") for c in configs):
+        out["weight_bytes"] = stored
     if counted:
         torch.set_num_threads(threads)
         c = count_flops(enc, enc.example_input(batch))
@@ -280,7 +287,7 @@ def run_sweep(
                 "p50_ms": v.p50_ms,
                 "iterations": v.iterations,
                 "stop": v.stop,
-                "macs": variants[name].arch().macs,
+                "macs": expected_macs(variants[name], x),  # adaptive: the mean over the timed images
             }
             for name, v in timed.items()
         ]

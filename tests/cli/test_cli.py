@@ -240,3 +240,12 @@ def test_train_command_runs(tmp_path) -> None:
     args = ["train", "cifar-resnet", "--limit", "32", "--eval-limit", "16", "--batch", "16", "--epochs", "1"]
     out = run_json(*args, "--device", "cpu", "--no-bf16", "--out", str(tmp_path / "run"))
     assert out["status"] == "done" and out["epochs_run"] == 1 and out["weights"]
+
+
+def test_profile_reports_the_weight_bytes_quantisation_stores() -> None:
+    fp32 = run_json("profile", "vit4mnist", "--no-counted")
+    int8 = run_json("profile", "vit4mnist", "-O", "int8", "--no-counted")
+    int4 = run_json("profile", "vit4mnist", "-O", "int4:group=16", "--no-counted")
+    assert fp32["weight_bytes"] == pytest.approx(fp32["stored_weight_bytes"], rel=0.01)
+    assert int8["weight_bytes"] == int8["stored_weight_bytes"] < 0.5 * fp32["weight_bytes"]
+    assert int4["weight_bytes"] < int8["weight_bytes"]

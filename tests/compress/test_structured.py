@@ -97,8 +97,13 @@ def test_removing_every_block_is_refused() -> None:
 def test_composes_with_precision(order: list[str]) -> None:
     base = load_cached("timm:deit_tiny_patch16_224")
     enc = optimize_(copy.deepcopy(base), *parse_options(order))
+    pruned = optimize_(copy.deepcopy(base), *parse_options(order[:1]))
     x = base.example_input(2)
-    assert _run(enc, x).dtype == torch.float32
+    out = _run(enc, x)
+    assert out.dtype == torch.float32
+    # the stack is the pruned model at lower precision: close to it, and smaller than the base
+    assert torch.nn.functional.cosine_similarity(out, _run(pruned, x)).min() > 0.95
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in base.parameters())
 
 
 @pytest.mark.parametrize("quantiser", ["int8", "int8wo", "int4", "mixed"])

@@ -73,3 +73,21 @@ def test_each_image_runs_at_its_own_keep_rate() -> None:
     assert trace.keep is not None and trace.keep.tolist() == [1.0, 0.5]
     torch.testing.assert_close(logits[1:], pruned)
     torch.testing.assert_close(logits[:1], plain)
+
+
+def test_sweep_reports_adaptive_macs_on_the_images_it_timed() -> None:
+    """adaptive's cost depends on the images: the sweep's MACs are the mean of each image's own plan."""
+    from vitedge.commands import run_sweep, timing_input
+    from vitedge.plan.explain import expected_macs
+
+    opts = ["adaptive:min_keep=0.5,low=0.0,high=2.0"]
+    out = run_sweep(
+        "vit4mnist", opts=opts, data="mnist", batch=16, limit=50, min_seconds=0.1, max_seconds=0.5
+    )
+    row, base = out["rows"][0], out["baseline"]
+    model = optimize_(load("vit4mnist"), *parse_options(opts))
+    x = timing_input(model, 16, "mnist")
+    assert row["macs"] == expected_macs(model, x) < base["macs"]  # digits are flat enough to prune
+    flat = torch.zeros(4, 1, 28, 28)
+    pruned = optimize_(load("vit4mnist"), *parse_options(["prune:keep=0.5"]))
+    assert expected_macs(model, flat) == pruned.arch().macs  # every flat image at min_keep

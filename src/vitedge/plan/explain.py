@@ -8,7 +8,10 @@ options that only changed weights.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+import torch
 
 from vitedge.attention.batched import short_enough
 from vitedge.models.base import Encoder
@@ -41,6 +44,25 @@ def _kernel(enc: Encoder, block: Any, tokens: int, windowed: bool) -> str:
         return "native"  # the wrapped library's own attention module
     # vitedge's loop picks by length on CPU (and by the size of the scores; fused SDPA on accelerators)
     return "bmm" if short_enough(tokens) else "sdpa"
+
+
+def expected_macs(model: Encoder, x: torch.Tensor) -> float:
+    """MACs per image of ``model`` on the images ``x`` (B, C, H, W): ``arch().macs`` unless a router splits
+    batches by content (``adaptive``), whose cost is then the mean over ``x`` of each image's own plan."""
+    plan = model.plan
+    if plan is None or plan.router is None:
+        return float(model.arch().macs)
+    with torch.inference_mode():
+        _, trace = model.forward_traced(x, sources=False)
+    if trace.keep is None:
+        return float(model.arch().macs)
+    levels = getattr(plan.router, "levels", {})
+    total = 0.0
+    for keep, count in zip(*trace.keep.unique(return_counts=True), strict=True):
+        view = copy.copy(model)  # shares every module; only its plan differs
+        view.plan = levels.get(float(keep))
+        total += float(view.arch().macs) * int(count)
+    return total / len(trace.keep)
 
 
 def explain(model: Encoder) -> dict[str, Any]:
