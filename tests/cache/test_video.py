@@ -152,3 +152,10 @@ def test_video_cli_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "error" in res.output
     res = runner.invoke(app, ["video", "vit4mnist", str(tmp_path / "missing.avi")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_trained_model_reports_prediction_agreement() -> None:
+    """On the trained cifar-vit (32 px frames) reuse keeps the per-frame predictions of full recomputation."""
+    out = run_video("cifar-vit", data_root() / "video" / "vtest.avi", config=VideoConfig(), max_frames=24)
+    assert 0.0 <= out["naive_top1_agreement"] <= 1.0
+    assert out["top1_agreement"] >= 0.9 and out["top1_agreement"] >= out["naive_top1_agreement"]

@@ -114,6 +114,8 @@ class _Trace:
     reuse_s: float = 0.0
     full_macs: int = 0
     reuse_macs: int = 0
+    agree: list[bool] = field(default_factory=list)  # reused and recomputed features predict the same class
+    naive_agree: list[bool] = field(default_factory=list)
 
 
 def _frame_macs(blocks: list[Any], n: int, work: Any) -> int:
@@ -212,6 +214,10 @@ def run_video(
             assert naive_feats is not None
             tr.cosine.append(_cosine(feats, full, n_prefix))
             tr.naive.append(_cosine(naive_feats, full, n_prefix))
+            if enc.info.num_classes:  # the head's prediction from reused against recomputed features
+                want = int(enc.forward_head(full).argmax())
+                tr.agree.append(int(enc.forward_head(feats).argmax()) == want)
+                tr.naive_agree.append(int(enc.forward_head(naive_feats).argmax()) == want)
             tr.recomputed.append((work.qkv[0] - n_prefix) / enc.layout.num_patches)
             tr.full_macs += embed_macs + _frame_macs(blocks, n_tokens, _all(work, n_tokens))
             tr.reuse_macs += embed_macs + _frame_macs(blocks, n_tokens, work)
@@ -228,6 +234,14 @@ def run_video(
         "min_cosine": float(np.min(tr.cosine)),
         "naive_mean_cosine": float(np.mean(tr.naive)),
         "naive_min_cosine": float(np.min(tr.naive)),
+        **(
+            {
+                "top1_agreement": float(np.mean(tr.agree)),
+                "naive_top1_agreement": float(np.mean(tr.naive_agree)),
+            }
+            if tr.agree
+            else {}
+        ),
         "scene_cuts": tr.cuts,
         "keyframes": len(tr.keyframes),
         "mean_tokens_recomputed": float(np.mean(tr.recomputed)),
