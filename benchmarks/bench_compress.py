@@ -57,7 +57,8 @@ def speed(seconds: float) -> None:
         v = r["variants"][0]
         print(
             f"{VIT_B} {' '.join(opts):52s} baseline {r['baseline']['images_per_s']:6.2f} img/s, "
-            f"variant {v['images_per_s']:6.2f} img/s, speed-up {v['speedup']:.2f}x",
+            f"variant {v['images_per_s']:6.2f} img/s, speed-up {v['speedup']:.2f}x "
+            f"({v['speedup_low']:.2f}-{v['speedup_high']:.2f}, {v['stop']})",
             flush=True,
         )
 
