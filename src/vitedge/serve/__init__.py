@@ -1,0 +1,1 @@
+"""The encoder service (``vitedge serve``): so far its torch-free scheduler, :mod:`vitedge.serve.batcher`."""

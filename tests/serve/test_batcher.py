@@ -1,0 +1,148 @@
+"""The service's scheduler with a fake clock: batch closing, buckets, priorities and aging, deadlines,
+backpressure, single flight, cancellation; and that it imports no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vitedge.serve.batcher import Batcher, BatcherConfig, LatencyModel, QueueFull, Request
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, ms: float) -> None:
+        self.now += ms / 1e3
+
+
+def make(**config) -> tuple[Batcher, Clock]:
+    clock = Clock()
+    return Batcher(BatcherConfig(**config), clock=clock), clock
+
+
+def req(key: str, bucket: int = 224, priority: str = "normal", deadline: float | None = None) -> Request:
+    return Request(key=key, bucket=bucket, priority=priority, deadline=deadline)
+
+
+def test_a_batch_closes_when_full_or_when_the_oldest_has_waited() -> None:
+    b, clock = make(max_batch=4, max_wait_ms=10)
+    for i in range(3):
+        b.submit(req(f"k{i}"))
+    assert b.next_batch() == [] and b.wait_time() == pytest.approx(0.010)
+    b.submit(req("k3"))
+    assert [r.key for r in b.next_batch()] == ["k0", "k1", "k2", "k3"]  # full: now
+    b.submit(req("k4"))
+    clock.advance(9)
+    assert b.next_batch() == []
+    clock.advance(1)
+    assert [r.key for r in b.next_batch()] == ["k4"]  # waited max_wait_ms
+    assert b.wait_time() is None
+
+
+def test_buckets_are_never_mixed() -> None:
+    b, _ = make(max_batch=8, max_wait_ms=0)
+    for i in range(3):
+        b.submit(req(f"a{i}", bucket=224))
+        b.submit(req(f"b{i}", bucket=160))
+    first, second = b.next_batch(), b.next_batch()
+    assert {r.bucket for r in first} == {224} and {r.bucket for r in second} == {160}
+    assert len(first) == len(second) == 3
+
+
+def test_realtime_goes_first_with_a_smaller_batch_and_aging_prevents_starvation() -> None:
+    b, clock = make(max_batch=8, max_wait_ms=50, realtime_max_batch=2, aging_ms=100)
+    for i in range(6):
+        b.submit(req(f"bulk{i}", priority="bulk"))
+    clock.advance(1)
+    b.submit(req("rt0", priority="realtime"))
+    b.submit(req("rt1", priority="realtime"))
+    b.submit(req("rt2", priority="realtime"))
+    assert b.cap() == 2 and b.wait_time() == 0.0  # realtime does not wait for company
+    assert [r.key for r in b.next_batch()] == ["rt0", "rt1"]
+    assert [r.key for r in b.next_batch()] == ["rt2", "bulk0"]  # still capped while realtime was queued
+    clock.advance(250)  # bulk has aged two ranks: level with fresh realtime work, and older
+    b.submit(req("rt3", priority="realtime"))
+    assert b.rank(b.queues["bulk"][0], clock()) == 0
+    assert [r.key for r in b.next_batch()] == ["bulk1", "bulk2"]  # the oldest of equal rank runs first
+
+
+def test_a_full_queue_refuses_with_retry_after() -> None:
+    b, _ = make(queue_size=2)
+    b.submit(req("a"))
+    b.submit(req("b"))
+    with pytest.raises(QueueFull) as e:
+        b.submit(req("c"))
+    assert e.value.priority == "normal" and e.value.retry_after >= 1.0
+    b.submit(req("d", priority="bulk"))  # each priority has its own bound
+    assert b.depth() == {"realtime": 0, "normal": 2, "bulk": 1}
+
+
+def test_expired_requests_are_dropped_before_they_start() -> None:
+    b, clock = make(max_wait_ms=1000, deadline_ms=50)
+    late = b.submit(req("late"))
+    ok = b.submit(req("ok", deadline=clock() + 0.010))
+    clock.advance(20)
+    assert b.expired() == [ok]
+    clock.advance(40)
+    assert b.expired() == [late] and b.wait_time() is None
+
+
+def test_the_batch_shrinks_to_meet_the_earliest_deadline() -> None:
+    b, clock = make(max_batch=8, max_wait_ms=0)
+    for n, seconds in ((1, 0.012), (8, 0.082)):  # 2 ms + 10 ms per image
+        b.latency.observe(n, seconds)
+    for i in range(8):
+        b.submit(req(f"k{i}", deadline=clock() + (0.045 if i == 0 else 5.0)))
+    batch = b.next_batch()
+    assert len(batch) == 4  # 4 images: 42 ms, inside the first request's 45 ms; 5 would take 52
+    assert [r.key for r in b.next_batch()] == [f"k{i}" for i in range(4, 8)]
+
+
+def test_identical_images_are_computed_once() -> None:
+    b, _ = make(max_batch=4, max_wait_ms=0)
+    leader = b.submit(req("same"))
+    follower = req("same")
+    assert b.submit(follower) is leader and b.depth()["normal"] == 1
+    batch = b.next_batch()
+    again = req("same")  # arrives while the batch runs: still attached
+    assert b.submit(again) is leader
+    answered = b.done(batch, 0.01)
+    assert answered == [leader, follower, again] and b.in_flight == {}
+    assert b.submit(req("same")) is not leader  # after completion it is computed afresh (or served by cache)
+
+
+def test_cancel_drops_queued_work_and_hands_followers_over() -> None:
+    b, _ = make(max_wait_ms=0)
+    leader = b.submit(req("x"))
+    follower = req("x")
+    b.submit(follower)
+    assert b.cancel(leader)
+    assert b.in_flight["x"] is follower and b.next_batch() == [follower]
+    assert not b.cancel(follower)  # running now: nothing to cancel
+
+
+def test_latency_model_fits_fixed_and_per_image_cost() -> None:
+    m = LatencyModel()
+    assert m.predict(4) is None
+    for n in (1, 2, 4, 8):
+        m.observe(n, 0.003 + 0.010 * n)
+    assert m.predict(16) == pytest.approx(0.163)
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        BatcherConfig(max_batch=0)
+    with pytest.raises(ValueError, match="priority"):
+        Request(key="k", bucket=1, priority="urgent")
+
+
+def test_the_scheduler_imports_no_torch() -> None:
+    code = "import sys, vitedge.serve.batcher; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
