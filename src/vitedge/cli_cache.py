@@ -188,3 +188,84 @@ def video_(
         console=err,
     )
     emit(result, as_json, lambda r: err.print(r, highlight=False))
+
+
+@app.command("serve")
+@user_errors
+def serve(
+    model: ModelArg,
+    opt: OptOpt = None,
+    host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: a free one)", min=0, max=65535)] = 8080,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="images per forward at most", min=1)] = 16,
+    max_wait_ms: Annotated[
+        float, typer.Option("--max-wait-ms", help="how long a batch waits to fill", min=0)
+    ] = 10.0,
+    queue: Annotated[int, typer.Option("--queue", help="queued requests per priority", min=1)] = 256,
+    deadline_ms: Annotated[
+        float, typer.Option("--deadline-ms", help="default request deadline", min=1)
+    ] = 30_000.0,
+    weights: WeightsOpt = None,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve the encoder over HTTP (POST /v1/encode, /v1/classify; GET /healthz, /readyz, /metrics) with
+    dynamic batching, priorities (X-Priority) and deadlines (X-Deadline-Ms); one JSON line when ready."""
+    import json
+    import os
+    import socket
+    import sys
+
+    import uvicorn
+
+    from vitedge.commands import build_model
+    from vitedge.options import parse_options
+    from vitedge.serve.app import ServeConfig, create_app
+    from vitedge.serve.batcher import BatcherConfig
+
+    enc = build_model(model, parse_options(opt or []), img_size=None, weights=weights)
+    batcher = BatcherConfig(
+        max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue, deadline_ms=deadline_ms
+    )
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, port))  # bound before the model warms up: the port in the ready line is the real one
+    bound = sock.getsockname()[1]
+    settings = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, deadline_ms=deadline_ms)
+    ready: dict[str, object] = {"url": f"http://{host}:{bound}", "model": model, "pid": os.getpid()}
+    ready.update(name=" ".join(opt or []) or "baseline", batcher=settings)
+
+    def announce() -> None:
+        if as_json:
+            sys.stdout.write(json.dumps(ready) + "\n")
+            sys.stdout.flush()
+        else:
+            err.print(f"serving {model} at {ready['url']}", highlight=False)
+
+    app_ = create_app(enc, ServeConfig(batcher=batcher, threads=threads), on_ready=announce)
+    server = _draining_server()(uvicorn.Config(app_, log_level="warning", timeout_graceful_shutdown=30))
+    server.run(sockets=[sock])
+
+
+def _draining_server() -> type:
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):  # type: ignore[misc]
+        """uvicorn that, on SIGTERM or SIGINT, stops admitting, finishes what it holds and exits 0 (uvicorn
+        itself re-raises the signal after its shutdown, so the process would die of it)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):  # type: ignore[no-untyped-def]
+            def stop(_sig: int, _frame: object) -> None:
+                self.should_exit = True
+
+            previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return DrainingServer

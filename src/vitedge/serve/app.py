@@ -1,0 +1,227 @@
+"""The HTTP layer of the encoder service: parse and check a request, hand it to the worker, answer.
+
+``create_app(encoder, config)`` builds the FastAPI app, so tests run it in process (``httpx.ASGITransport``)
+and under a real uvicorn alike. Routes: ``POST /v1/encode`` (features: safetensors by default, JSON with
+``Accept: application/json``), ``POST /v1/classify`` (top-k), ``GET /healthz``, ``GET /readyz``,
+``GET /metrics`` (Prometheus text). Bodies are one image, raw or as the first part of a multipart form; the
+format is sniffed from the bytes (JPEG, PNG, WebP), never taken from the header. Errors map to status codes
+in one place (:func:`_error`): 400 undecodable, 413 too large (bytes or pixels), 415 not an image format we
+read, 429 queue full (``Retry-After``), 504 deadline passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from safetensors.torch import save as safetensors_bytes
+
+from vitedge.serve.batcher import PRIORITIES, BatcherConfig, QueueFull
+from vitedge.serve.worker import ModelWorker
+
+FORMATS = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """The service's limits and the batcher's settings."""
+
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    max_body_bytes: int = 20 << 20
+    max_pixels: int | None = None  # default: vitedge.data.images.DEFAULT_MAX_PIXELS
+    top_k: int = 5
+    threads: int = 2
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def sniff(data: bytes) -> str:
+    """The image format of ``data`` from its first bytes, or an HttpError (400 empty, 415 unknown)."""
+    if not data:
+        raise HttpError(400, "the request body is empty; send one image (JPEG, PNG or WebP)")
+    for magic, name in FORMATS.items():
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise HttpError(415, "the body is not a JPEG, PNG or WebP image (its bytes say so, whatever the header)")
+
+
+def _error(e: Exception) -> JSONResponse:
+    """The one place errors become status codes."""
+    if isinstance(e, HttpError):
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+    if isinstance(e, QueueFull):
+        retry = str(math.ceil(e.retry_after))
+        return JSONResponse({"error": str(e)}, status_code=429, headers={"Retry-After": retry})
+    if isinstance(e, TimeoutError):
+        return JSONResponse({"error": f"deadline passed: {e}"}, status_code=504)
+    raise e
+
+
+def create_app(
+    encoder: Any, config: ServeConfig | None = None, *, on_ready: Callable[[], None] | None = None
+) -> FastAPI:
+    """The encoder service over ``encoder`` (a loaded, optimised :class:`~vitedge.models.base.Encoder`);
+    ``on_ready`` is called once the warm-up is done and work is admitted."""
+    from vitedge.cache.keys import Namespace, content_digest
+    from vitedge.data import build_transform, decode_image_bytes, to_uint8_tensor
+    from vitedge.data.images import DEFAULT_MAX_PIXELS
+
+    config = config or ServeConfig()
+    worker = ModelWorker(encoder, config.batcher, threads=config.threads)
+    transform = build_transform(encoder.preprocess)
+    namespace = Namespace.of(encoder).digest
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "vitedge_requests", "HTTP requests by route and status", ["route", "code"], registry=registry
+    )
+    latency = Histogram(
+        "vitedge_request_seconds", "end-to-end latency by route", ["route"], registry=registry
+    )
+    batch_size = Histogram(
+        "vitedge_batch_size", "images per model batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
+    )
+    depth = Gauge("vitedge_queue_depth", "queued requests by priority", ["priority"], registry=registry)
+    state = {"ready": False, "seen_batches": 0}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        worker.start()  # warm up once, then admit work
+        x = encoder.example_input(1)[0]
+        job = worker.submit("warm-up", tuple(x.shape), x, priority="normal", deadline_s=None)
+        await asyncio.wrap_future(job.future)
+        state["ready"] = True
+        if on_ready is not None:
+            on_ready()
+        yield
+        state["ready"] = False  # /readyz turns false; queued work finishes before the worker ends
+        await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="vitedge encoder service", version="1", lifespan=lifespan)
+
+    async def body_of(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > config.max_body_bytes:
+            raise HttpError(413, f"the body is {declared} bytes, over the limit of {config.max_body_bytes}")
+        data = await request.body()
+        if len(data) > config.max_body_bytes:
+            raise HttpError(413, f"the body is {len(data)} bytes, over the limit of {config.max_body_bytes}")
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            parts = [v for v in form.values() if hasattr(v, "read")]
+            if not parts:
+                raise HttpError(400, "the multipart form holds no file")
+            data = await parts[0].read()  # type: ignore[union-attr]
+        return data
+
+    def decode(data: bytes) -> tuple[str, torch.Tensor]:
+        sniff(data)
+        try:
+            image = decode_image_bytes(
+                data, name="the body", max_pixels=config.max_pixels or DEFAULT_MAX_PIXELS
+            )
+        except ValueError as e:
+            raise HttpError(413 if "over the limit" in str(e) else 400, str(e)) from None
+        pixels = to_uint8_tensor(image)
+        return content_digest(pixels.numpy()), transform.batch(pixels)
+
+    async def run(request: Request, route: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        priority = request.headers.get("x-priority", "normal")
+        if priority not in PRIORITIES:
+            raise HttpError(400, f"X-Priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        deadline_ms = request.headers.get("x-deadline-ms")
+        try:
+            deadline_s = None if deadline_ms is None else float(deadline_ms) / 1e3
+        except ValueError:
+            raise HttpError(
+                400, f"X-Deadline-Ms must be a number of milliseconds, got {deadline_ms!r}"
+            ) from None
+        data = await body_of(request)
+        key, x = await asyncio.to_thread(decode, data)  # decoding never blocks the event loop
+        job = worker.submit(f"{namespace}:{key}", tuple(x.shape), x, priority=priority, deadline_s=deadline_s)
+        result = await asyncio.wrap_future(job.future)
+        headers = {"X-Queue-Ms": f"{job.queued_s * 1e3:.1f}", "X-Compute-Ms": f"{job.compute_s * 1e3:.1f}"}
+        return result, headers
+
+    async def handle(request: Request, route: str, answer: Any) -> Response:
+        start = time.perf_counter()
+        try:
+            result, headers = await run(request, route)
+            response = answer(request, result, headers)
+        except Exception as e:
+            response = _error(e)
+        requests_total.labels(route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    def encode_answer(request: Request, result: dict[str, torch.Tensor], headers: dict[str, str]) -> Response:
+        feats = result["features"]  # (N, D)
+        if "application/json" in request.headers.get("accept", ""):
+            body: dict[str, Any] = {"shape": list(feats.shape), "pooled": feats.mean(0).tolist()}
+            if request.query_params.get("tokens") in ("1", "true"):
+                body["tokens"] = feats.tolist()
+            return JSONResponse(body, headers=headers)
+        blob = safetensors_bytes({"features": feats.contiguous()})
+        return Response(blob, media_type="application/x-safetensors", headers=headers)
+
+    def classify_answer(
+        request: Request, result: dict[str, torch.Tensor], headers: dict[str, str]
+    ) -> Response:
+        if "logits" not in result:
+            raise HttpError(400, f"{encoder.model_id} has no classifier head; use /v1/encode")
+        probs = result["logits"].softmax(-1)
+        top = probs.topk(min(config.top_k, probs.numel()))
+        rows = [
+            {"index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices, strict=True)
+        ]
+        return JSONResponse({"model": encoder.model_id, "top": rows}, headers=headers)
+
+    @app.post("/v1/encode")
+    async def encode(request: Request) -> Response:
+        return await handle(request, "encode", encode_answer)
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
+        return await handle(request, "classify", classify_answer)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        ready = bool(state["ready"])
+        return JSONResponse({"ready": ready, "model": encoder.model_id}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        for priority, n in worker.depth().items():
+            depth.labels(priority).set(n)
+        for n in worker.batch_sizes[state["seen_batches"] :]:
+            batch_size.observe(n)
+        state["seen_batches"] = len(worker.batch_sizes)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.worker = worker
+    return app
