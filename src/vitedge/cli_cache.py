@@ -205,6 +205,9 @@ def serve(
     deadline_ms: Annotated[
         float, typer.Option("--deadline-ms", help="default request deadline", min=1)
     ] = 30_000.0,
+    cache: Annotated[
+        str, typer.Option("--cache", help="feature-cache tiers for /v1/encode (memory,disk,redis; none: off)")
+    ] = "memory",
     weights: WeightsOpt = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
@@ -241,7 +244,8 @@ def serve(
         else:
             err.print(f"serving {model} at {ready['url']}", highlight=False)
 
-    app_ = create_app(enc, ServeConfig(batcher=batcher, threads=threads), on_ready=announce)
+    tiers = None if cache == "none" else cache
+    app_ = create_app(enc, ServeConfig(batcher=batcher, threads=threads, cache=tiers), on_ready=announce)
     server = _draining_server()(uvicorn.Config(app_, log_level="warning", timeout_graceful_shutdown=30))
     server.run(sockets=[sock])
 

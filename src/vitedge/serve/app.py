@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class ServeConfig:
     max_pixels: int | None = None  # default: vitedge.data.images.DEFAULT_MAX_PIXELS
     top_k: int = 5
     threads: int = 2
+    cache: str | None = "memory"  # feature-cache tiers for /v1/encode ("memory,disk,redis"); None: off
 
 
 class HttpError(Exception):
@@ -85,6 +87,7 @@ def create_app(
     """The encoder service over ``encoder`` (a loaded, optimised :class:`~vitedge.models.base.Encoder`);
     ``on_ready`` is called once the warm-up is done and work is admitted."""
     from vitedge.cache.keys import Namespace, content_digest
+    from vitedge.cache.store import CacheConfig, FeatureCache
     from vitedge.data import build_transform, decode_image_bytes, to_uint8_tensor
     from vitedge.data.images import DEFAULT_MAX_PIXELS
 
@@ -103,6 +106,31 @@ def create_app(
         "vitedge_batch_size", "images per model batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry
     )
     depth = Gauge("vitedge_queue_depth", "queued requests by priority", ["priority"], registry=registry)
+    cache_hits = Counter(
+        "vitedge_cache_hits", "encode requests answered by a cache tier", ["tier"], registry=registry
+    )
+    store = FeatureCache(CacheConfig.parse(config.cache)) if config.cache else None
+    store_lock = threading.Lock()  # the feature cache is called from request threads
+    if store is not None:
+        store.register(namespace, Namespace.of(encoder).to_json())
+
+    def lookup(key: str) -> tuple[torch.Tensor | None, str]:
+        """The cached feature of ``key`` and the tier that held it, or (None, "miss")."""
+        if store is None:
+            return None, "off"
+        with store_lock:
+            before = {name: s.hits for name, s in store.stats.items()}
+            value = store.get(namespace, key)
+            tier = next((n for n, s in store.stats.items() if s.hits > before[n]), "miss")
+        return (None if value is None else torch.from_numpy(value)), tier
+
+    def remember(key: str, feats: torch.Tensor) -> torch.Tensor:
+        """Store a computed feature; answer with what a later hit returns, so hits and misses agree."""
+        if store is None:
+            return feats
+        with store_lock:
+            return torch.from_numpy(store.put(namespace, key, feats.numpy()))
+
     state = {"ready": False, "seen_batches": 0}
 
     @contextlib.asynccontextmanager
@@ -117,6 +145,8 @@ def create_app(
         yield
         state["ready"] = False  # /readyz turns false; queued work finishes before the worker ends
         await asyncio.to_thread(worker.stop)
+        if store is not None:
+            store.close()
 
     app = FastAPI(title="vitedge encoder service", version="1", lifespan=lifespan)
 
@@ -159,9 +189,18 @@ def create_app(
             ) from None
         data = await body_of(request)
         key, x = await asyncio.to_thread(decode, data)  # decoding never blocks the event loop
+        if route == "encode":  # a hit is answered without touching the queue
+            cached, tier = await asyncio.to_thread(lookup, key)
+            if cached is not None:
+                cache_hits.labels(tier).inc()
+                return {"features": cached}, {"X-Cache": tier, "X-Queue-Ms": "0.0", "X-Compute-Ms": "0.0"}
         job = worker.submit(f"{namespace}:{key}", tuple(x.shape), x, priority=priority, deadline_s=deadline_s)
         result = await asyncio.wrap_future(job.future)
         headers = {"X-Queue-Ms": f"{job.queued_s * 1e3:.1f}", "X-Compute-Ms": f"{job.compute_s * 1e3:.1f}"}
+        if route == "encode":
+            stored = await asyncio.to_thread(remember, key, result["features"])
+            result = {**result, "features": stored}
+            headers["X-Cache"] = "miss" if store is not None else "off"
         return result, headers
 
     async def handle(request: Request, route: str, answer: Any) -> Response:
