@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 import vitedge
 from vitedge.api import algorithm_version, config_name
-from vitedge.data import open_dataset
+from vitedge.commands import timing_input
 from vitedge.options import parse_options
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "references"
@@ -92,10 +91,8 @@ def case_key(model_id: str, opts: list[str]) -> str:
 
 
 def images(model: vitedge.Encoder, data: str) -> torch.Tensor:
-    ds = open_dataset(data, model.preprocess)
-    n = IMAGES[data]
-    idx = np.linspace(0, len(ds) - 1, num=n).round().astype(np.int64).tolist()  # type: ignore[arg-type]
-    return torch.stack([ds[i][0] for i in idx])
+    """``IMAGES[data]`` images of ``data`` drawn evenly across the set (what ``bench --data`` times on)."""
+    return timing_input(model, IMAGES[data], data)
 
 
 def main() -> None:

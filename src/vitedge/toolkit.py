@@ -28,6 +28,13 @@ def _name(enc: Encoder) -> str:
     return " ".join(describe(c) for c in enc.applied) or "baseline"
 
 
+def _with_baseline(enc: Encoder, baseline: Any) -> dict[str, torch.nn.Module]:
+    """``{"baseline": ..., name: enc}`` (the baseline first, as evaluate and bench expect), or just enc."""
+    models: dict[str, torch.nn.Module] = {} if baseline is None else {"baseline": _encoder(baseline)}
+    models[_name(enc)] = enc
+    return models
+
+
 def profile(model: Any, *, batch: int = 1, counted: bool = True, threads: int = 2) -> dict[str, Any]:
     """Analytic MACs, FLOPs, parameters and memory of ``model`` as it is now (its execution plan included),
     and, with ``counted``, the FLOPs counted by running it once on random input.
@@ -75,10 +82,7 @@ def evaluate(
     if batch < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch and limit must be positive integers, got {batch} and {limit}")
     enc = _encoder(model)
-    models: dict[str, torch.nn.Module] = {}
-    if baseline is not None:
-        models["baseline"] = _encoder(baseline)
-    models[_name(enc)] = enc
+    models = _with_baseline(enc, baseline)
     dataset = open_dataset(data, enc.preprocess, limit=limit)
     results = run(models, as_tensor_batches(dataset, batch), threads=threads)
     main = results[-1]
@@ -122,10 +126,7 @@ def bench(
     if batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch}")
     enc = _encoder(model)
-    models: dict[str, torch.nn.Module] = {}
-    if baseline is not None:
-        models["baseline"] = _encoder(baseline)
-    models[_name(enc)] = enc
+    models = _with_baseline(enc, baseline)
     cfg = BenchConfig(
         batch=batch,
         threads=threads,

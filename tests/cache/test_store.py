@@ -96,6 +96,7 @@ def test_read_through_promotes_and_counts(tmp_path: Path) -> None:
         assert reader.get(NS, content(7)) is not None
         assert reader.stats["memory"].hits == 1
         assert reader.get(NS2, content(7)) is None  # another namespace never hits
+        assert reader.lookup(NS, content(7))[1] == "memory" and reader.lookup(NS2, content(7)) == (None, None)
         rep = reader.report()
         assert rep["disk"]["entries"] >= 1 and rep["memory"]["bytes_read"] > 0
 

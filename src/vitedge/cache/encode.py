@@ -299,7 +299,8 @@ def run_encode(
         total_s = time.perf_counter() - t0
         per_image_ms = rep.compute_s * 1e3 / rep.misses if rep.misses else 0.0
         if not rep.misses and rep.hits:
-            good = [f for f in files if str(f) not in {e["path"] for e in rep.errors}]
+            bad = {e["path"] for e in rep.errors}
+            good = [f for f in files if str(f) not in bad]
             per_image_ms = _single_image_ms(enc, good[0])
         tiers = store.report()
     saved = max(rep.hits * per_image_ms / 1e3 - rep.lookup_s, 0.0)

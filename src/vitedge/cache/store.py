@@ -197,14 +197,18 @@ class FeatureCache:
 
     def get(self, namespace: str, content: str) -> np.ndarray | None:
         """The verified feature ``(N, D)`` float32 for an image, or None on a miss in every tier."""
+        return self.lookup(namespace, content)[0]
+
+    def lookup(self, namespace: str, content: str) -> tuple[np.ndarray | None, str | None]:
+        """Like :meth:`get`, and the name of the tier that held the feature (None on a miss)."""
         key = entry_key(namespace, content)
         self.predictor.observe(key)
         for i in range(len(self.tiers)):
             value = self._read(i, key, namespace)
             if value is not None:
                 self._prefetch(key, namespace)
-                return value
-        return None
+                return value, self.tiers[i].name
+        return None, None
 
     def _prefetch(self, key: str, namespace: str) -> None:
         memory = self.tiers[0]

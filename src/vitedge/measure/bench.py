@@ -107,14 +107,18 @@ def ratio_interval(
     return ratio, min(float(low), ratio), max(float(high), ratio)
 
 
-def _precise(times: dict[str, list[float]], precision: float) -> bool:
-    """Whether every variant's interval (the same one the result reports) is within ``precision``."""
-    names = list(times)
-    for name in names[1:]:
-        ratio, low, high = ratio_interval(times[names[0]], times[name])
-        if (high - low) / 2 > precision * ratio:
-            return False
-    return True
+Interval = tuple[float, float, float]  # (ratio, low, high)
+
+
+def _intervals(times: dict[str, list[float]]) -> dict[str, Interval]:
+    """Every variant's speed-up interval against the first (baseline) entry of ``times``."""
+    base, *variants = times
+    return {name: ratio_interval(times[base], times[name]) for name in variants}
+
+
+def _precise(intervals: dict[str, Interval], precision: float) -> bool:
+    """Whether every interval's half-width is within ``precision`` of its ratio."""
+    return all((high - low) / 2 <= precision * ratio for ratio, low, high in intervals.values())
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -142,6 +146,7 @@ def bench(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     times: dict[str, list[float]] = {name: [] for name in models}
+    intervals: dict[str, Interval] = {}
     stop = ""
     try:
         with torch.inference_mode():
@@ -160,12 +165,13 @@ def bench(
                 if progress:
                     progress(rounds, config.max_iters)
                 elapsed = time.perf_counter() - start
-                if rounds >= config.max_iters:  # the cap holds even before min_seconds
-                    stop = "precision" if _precise(times, config.precision) else "iteration cap"
-                elif rounds < config.min_iters or elapsed < config.min_seconds:
-                    continue
-                elif _precise(times, config.precision):
+                if rounds < config.max_iters and (rounds < config.min_iters or elapsed < config.min_seconds):
+                    continue  # (the iteration cap holds even before min_seconds)
+                intervals = _intervals(times)  # what the results report, if timing stops here
+                if _precise(intervals, config.precision):
                     stop = "precision"
+                elif rounds >= config.max_iters:
+                    stop = "iteration cap"
                 elif elapsed >= config.max_seconds:
                     stop = "time cap"
     finally:
@@ -178,7 +184,7 @@ def bench(
         ips = config.batch / p50
         ratio: dict[str, float | None] = {}
         if name != base_name:
-            _, low, high = ratio_interval(times[base_name], ts)
+            _, low, high = intervals[name]  # computed on these same rounds when timing stopped
             point = ips / base_ips  # the contract's identity: images_per_s / baseline_images_per_s
             ratio = {"speedup": point, "speedup_low": min(low, point), "speedup_high": max(high, point)}
             ratio["baseline_images_per_s"] = base_ips

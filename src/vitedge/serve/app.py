@@ -119,10 +119,8 @@ def create_app(
         if store is None:
             return None, "off"
         with store_lock:
-            before = {name: s.hits for name, s in store.stats.items()}
-            value = store.get(namespace, key)
-            tier = next((n for n, s in store.stats.items() if s.hits > before[n]), "miss")
-        return (None if value is None else torch.from_numpy(value)), tier
+            value, tier = store.lookup(namespace, key)
+        return (None if value is None else torch.from_numpy(value)), tier or "miss"
 
     def remember(key: str, feats: torch.Tensor) -> torch.Tensor:
         """Store a computed feature; answer with what a later hit returns, so hits and misses agree."""
@@ -165,7 +163,7 @@ def create_app(
             data = await parts[0].read()  # type: ignore[union-attr]
         return data
 
-    def decode(data: bytes) -> tuple[str, torch.Tensor]:
+    def decode(data: bytes) -> tuple[str, torch.Tensor]:  # -> (content key, decoded uint8 (C, H, W))
         sniff(data)
         try:
             image = decode_image_bytes(
@@ -174,7 +172,7 @@ def create_app(
         except ValueError as e:
             raise HttpError(413 if "over the limit" in str(e) else 400, str(e)) from None
         pixels = to_uint8_tensor(image)
-        return content_digest(pixels.numpy()), transform.batch(pixels)
+        return content_digest(pixels.numpy()), pixels
 
     async def run(request: Request, route: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         priority = request.headers.get("x-priority", "normal")
@@ -188,12 +186,13 @@ def create_app(
                 400, f"X-Deadline-Ms must be a number of milliseconds, got {deadline_ms!r}"
             ) from None
         data = await body_of(request)
-        key, x = await asyncio.to_thread(decode, data)  # decoding never blocks the event loop
+        key, pixels = await asyncio.to_thread(decode, data)  # decoding never blocks the event loop
         if route == "encode":  # a hit is answered without touching the queue
             cached, tier = await asyncio.to_thread(lookup, key)
             if cached is not None:
                 cache_hits.labels(tier).inc()
                 return {"features": cached}, {"X-Cache": tier, "X-Queue-Ms": "0.0", "X-Compute-Ms": "0.0"}
+        x = await asyncio.to_thread(transform.batch, pixels)  # preprocessing only for work the model does
         job = worker.submit(f"{namespace}:{key}", tuple(x.shape), x, priority=priority, deadline_s=deadline_s)
         result = await asyncio.wrap_future(job.future)
         headers = {"X-Queue-Ms": f"{job.queued_s * 1e3:.1f}", "X-Compute-Ms": f"{job.compute_s * 1e3:.1f}"}

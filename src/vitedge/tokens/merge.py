@@ -44,7 +44,7 @@ from vitedge.models.base import Encoder, SequenceEncoder
 from vitedge.models.spec import BlockTokens, LinearOp
 from vitedge.plan import PlanBuilder
 from vitedge.plan.sequence import AttentionInfo, Needs, TokenState, ones_size
-from vitedge.tokens.runner import check_supported
+from vitedge.tokens.runner import check_supported, decreasing_schedule
 
 MergeFn = Callable[[torch.Tensor, str], torch.Tensor]
 SCHEDULES = ("constant", "decreasing", "seed")
@@ -136,8 +136,7 @@ def schedule_r(config: MergeConfig, depth: int, num_patches: int) -> list[int]:
     if config.schedule == "constant":
         return [config.r] * depth
     if config.schedule == "decreasing":
-        # Linear from 2r to 0: same total as constant r.
-        return [round(2 * config.r * (1 - i / max(depth - 1, 1))) for i in range(depth)]
+        return decreasing_schedule(config.r, depth)
     # seed: keep 100/75/50/25 % of the patches through the four quarters; merge at each quarter's last block.
     targets = [1.0, 0.75, 0.5, 0.25]
     plan = [0] * depth

@@ -21,6 +21,11 @@ def rows_of(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(b * n, c).index_select(0, flat_rows(idx, n)).view(b, idx.shape[1], c)
 
 
+def decreasing_schedule(r: int, depth: int) -> list[int]:
+    """``2r`` at the first block down to 0 at the last, linearly: the same total as ``r`` in every block."""
+    return [round(2 * r * (1 - i / max(depth - 1, 1))) for i in range(depth)]
+
+
 def check_supported(encoder: Encoder, technique: str) -> list[BlockView]:
     """The encoder's block views, or a ValueError naming why ``technique`` cannot run on it."""
     if encoder.info.family == "swin":

@@ -60,7 +60,7 @@ from vitedge.attention.batched import bmm_attention
 from vitedge.models.base import Encoder, Trace
 from vitedge.plan import PlanBuilder
 from vitedge.plan.sequence import split_heads
-from vitedge.tokens.runner import flat_rows
+from vitedge.tokens.runner import decreasing_schedule, flat_rows
 from vitedge.tokens.windows import check_swin, window_partition, window_reverse
 
 __all__ = ["WindowMergeConfig", "WindowMergeStep", "cell_split", "merged_swin_block", "window_merge_r"]
@@ -237,7 +237,7 @@ class WindowMergeConfig:
         """Tokens to merge per window at each block, before clamping to what a window can merge."""
         if self.schedule == "constant":
             return [self.r] * depth
-        return [round(2 * self.r * (1 - i / max(depth - 1, 1))) for i in range(depth)]
+        return decreasing_schedule(self.r, depth)
 
 
 @dataclass(frozen=True, kw_only=True)
