@@ -1,4 +1,4 @@
-"""Shared fixtures: the supported model ids, built once per session."""
+"""Shared fixtures: the supported model ids, built once per session; real redis-server processes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from redis_support import redis_procs, redis_server  # noqa: F401  (fixtures for every folder)
 from support import SUPPORTED_IDS, load_cached
 
 os.environ.setdefault(

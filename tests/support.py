@@ -110,3 +110,37 @@ def planned(model: Any, *configs: Any, gates: bool = False) -> Iterator[Any]:
         yield model
     finally:
         model.applied, model.plan = saved
+
+
+@contextlib.contextmanager
+def uvicorn_on_loopback(app):
+    """A real uvicorn serving ``app`` on a free 127.0.0.1 port, in a thread, until the block ends."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise TimeoutError("the service did not become ready within 60 s")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -197,7 +197,13 @@ def serve(
     opt: OptOpt = None,
     host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port (0: a free one)", min=0, max=65535)] = 8080,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="images per forward at most", min=1)] = 16,
+    max_batch: Annotated[
+        str,
+        typer.Option(
+            "--max-batch",
+            help="images per forward at most; auto: the warm-up's sweet spot within the memory plan",
+        ),
+    ] = "auto",
     max_wait_ms: Annotated[
         float, typer.Option("--max-wait-ms", help="how long a batch waits to fill", min=0)
     ] = 10.0,
@@ -205,9 +211,30 @@ def serve(
     deadline_ms: Annotated[
         float, typer.Option("--deadline-ms", help="default request deadline", min=1)
     ] = 30_000.0,
+    latency_target_ms: Annotated[
+        float | None,
+        typer.Option("--latency-target-ms", help="move the batch cap so a batch takes about this long"),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", help="with --max-batch auto: memory for the process (default: free)"),
+    ] = None,
+    img_sizes: Annotated[
+        str | None,
+        typer.Option("--img-size", help="input sizes served, e.g. 224,160 (first: the default; X-Img-Size)"),
+    ] = None,
     cache: Annotated[
         str, typer.Option("--cache", help="feature-cache tiers for /v1/encode (memory,disk,redis; none: off)")
     ] = "memory",
+    redis_url: Annotated[
+        str | None, typer.Option("--redis-url", help="the redis tier's server (default $VITEDGE_REDIS_URL)")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option("--api-key-file", help="accepted keys, hashed (sha256:HEX per line)")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="allow a non-loopback --host without API keys")
+    ] = False,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
@@ -224,30 +251,79 @@ def serve(
     from vitedge.commands import build_model
     from vitedge.options import parse_options
     from vitedge.serve.app import ServeConfig, create_app
+    from vitedge.serve.auth import KeyRing, check_bind
     from vitedge.serve.batcher import BatcherConfig
 
-    enc = build_model(model, parse_options(opt or []), img_size=None, weights=weights)
+    auto = max_batch == "auto"
+    if not auto and not (max_batch.isdigit() and int(max_batch) >= 1):
+        raise ValueError(f"--max-batch takes a positive integer or auto, got {max_batch!r}")
+    keys = KeyRing.from_file(api_key_file) if api_key_file is not None else None
+    check_bind(host, keys=keys, insecure=insecure)
+    sizes = parse_sizes(img_sizes)
+    configs = parse_options(opt or [])
+    encoders = {}
+    for size in sizes or [None]:  # type: ignore[list-item]
+        enc = build_model(model, configs, img_size=size, weights=weights)
+        encoders[tuple(enc.img_size)] = enc
     batcher = BatcherConfig(
-        max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue, deadline_ms=deadline_ms
+        max_batch=64 if auto else int(max_batch),
+        max_wait_ms=max_wait_ms,
+        queue_size=queue,
+        deadline_ms=deadline_ms,
+        latency_target_ms=latency_target_ms,
+    )
+    config = ServeConfig(
+        batcher=batcher,
+        threads=threads,
+        cache=None if cache == "none" else cache,
+        redis_url=redis_url,
+        keys=keys,
+        auto_batch=auto,
+        memory_budget=memory_budget,
     )
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.bind((host, port))  # bound before the model warms up: the port in the ready line is the real one
     bound = sock.getsockname()[1]
-    settings = dict(max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, deadline_ms=deadline_ms)
-    ready: dict[str, object] = {"url": f"http://{host}:{bound}", "model": model, "pid": os.getpid()}
-    ready.update(name=" ".join(opt or []) or "baseline", batcher=settings)
+    url_host = f"[{host}]" if ":" in host else host
+    ready: dict[str, object] = {"url": f"http://{url_host}:{bound}", "model": model, "pid": os.getpid()}
+    ready["name"] = " ".join(opt or []) or "baseline"
 
     def announce() -> None:
+        worker = app_.state.worker
+        ready["img_sizes"] = [list(hw) for hw in worker.encoders]
+        ready["batcher"] = {
+            "max_batch": worker.max_batch,
+            "max_batch_limit": worker.batcher.config.max_batch,
+            "auto": auto,
+            "max_wait_ms": max_wait_ms,
+            "queue": queue,
+            "deadline_ms": deadline_ms,
+            "latency_target_ms": latency_target_ms,
+            "sweep": [p.to_json() for p in worker.sweep],
+        }
+        ready["api_keys"] = keys is not None
         if as_json:
             sys.stdout.write(json.dumps(ready) + "\n")
             sys.stdout.flush()
         else:
-            err.print(f"serving {model} at {ready['url']}", highlight=False)
+            err.print(f"serving {model} at {ready['url']} (max batch {worker.max_batch})", highlight=False)
 
-    tiers = None if cache == "none" else cache
-    app_ = create_app(enc, ServeConfig(batcher=batcher, threads=threads, cache=tiers), on_ready=announce)
+    app_ = create_app(encoders, config, on_ready=announce)
     server = _draining_server()(uvicorn.Config(app_, log_level="warning", timeout_graceful_shutdown=30))
     server.run(sockets=[sock])
+
+
+def parse_sizes(text: str | None) -> list[int]:
+    """``"224,160"`` -> [224, 160]; None -> []."""
+    if text is None:
+        return []
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--img-size takes sizes such as 224 or 224,160, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise ValueError(f"--img-size takes distinct positive sizes such as 224,160, got {text!r}")
+    return sizes
 
 
 def _draining_server() -> type:

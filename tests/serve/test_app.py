@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import io
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as safetensors_load
 
+from support import uvicorn_on_loopback
 from vitedge.data import build_transform, decode_image_bytes, to_uint8_tensor
 from vitedge.models import load
 from vitedge.paths import data_root
@@ -70,11 +70,11 @@ def test_a_repeated_image_is_served_from_the_cache(served) -> None:
     _, client, app = served
     data = photos(3)[2]
     first = client.post("/v1/encode", content=data)
-    ran = len(app.state.worker.batch_sizes)
+    ran = app.state.worker.batches
     second = client.post("/v1/encode", content=data)
     assert first.headers["X-Cache"] == "miss" and second.headers["X-Cache"] == "memory"
     assert second.content == first.content  # the same bytes, hit or miss
-    assert len(app.state.worker.batch_sizes) == ran  # the hit never reached the model
+    assert app.state.worker.batches == ran  # the hit never reached the model
     assert 'vitedge_cache_hits_total{tier="memory"}' in client.get("/metrics").text
 
 
@@ -82,11 +82,11 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served) ->
     enc, client, app = served
     images = photos(12)
     want = [offline(enc, d)[1].argmax().item() for d in images]
-    before = len(app.state.worker.batch_sizes)
+    before = app.state.worker.batches
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(lambda d: client.post("/v1/classify", content=d).json(), images))
     assert [a["top"][0]["index"] for a in answers] == want
-    sizes = app.state.worker.batch_sizes[before:]
+    sizes = app.state.worker.sizes_since(before)
     assert sum(sizes) <= 12 and max(sizes) > 1  # several images shared a forward
 
 
@@ -159,40 +159,6 @@ async def burst(url: str, bodies: list[bytes]) -> list[tuple[int, dict[str, str]
     return [(r.status_code, dict(r.headers)) for r in replies]
 
 
-@contextlib.contextmanager
-def uvicorn_on_loopback(app):
-    """A real uvicorn serving ``app`` on a free 127.0.0.1 port, in a thread, until the block ends."""
-    import socket
-    import threading
-    import time
-
-    import httpx
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise TimeoutError("the service did not become ready within 60 s")
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 def test_vitedge_serve_starts_answers_and_drains_on_sigterm() -> None:
     """The command a deployment runs: one JSON line when ready, real requests, exit 0 on SIGTERM."""
     import json
@@ -209,7 +175,8 @@ def test_vitedge_serve_starts_answers_and_drains_on_sigterm() -> None:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         ready = json.loads(line)
         assert ready["model"] == "vit4mnist" and ready["url"].startswith("http://127.0.0.1:")
-        assert ready["batcher"]["max_batch"] == 16
+        batcher = ready["batcher"]  # --max-batch auto: the warm-up sweep's sweet spot
+        assert batcher["auto"] and batcher["max_batch"] in [p["batch"] for p in batcher["sweep"]]
         assert httpx.get(f"{ready['url']}/readyz", timeout=10).json()["ready"] is True
         png = io.BytesIO()
         from PIL import Image

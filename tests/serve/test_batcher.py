@@ -97,7 +97,7 @@ def test_expired_requests_are_dropped_before_they_start() -> None:
 def test_the_batch_shrinks_to_meet_the_earliest_deadline() -> None:
     b, clock = make(max_batch=8, max_wait_ms=0)
     for n, seconds in ((1, 0.012), (8, 0.082)):  # 2 ms + 10 ms per image
-        b.latency.observe(n, seconds)
+        b.latency_of(224).observe(n, seconds)
     for i in range(8):
         b.submit(req(f"k{i}", deadline=clock() + (0.045 if i == 0 else 5.0)))
     batch = b.next_batch()
@@ -128,6 +128,55 @@ def test_cancel_drops_queued_work_and_hands_followers_over() -> None:
     assert not b.cancel(follower)  # running now: nothing to cancel
 
 
+def test_a_follower_whose_client_left_is_detached_and_expiry_takes_followers_along() -> None:
+    b, clock = make(max_wait_ms=50)
+    leader = b.submit(req("x", deadline=clock() + 0.010))
+    stays, leaves = req("x"), req("x")
+    b.submit(stays)
+    b.submit(leaves)
+    assert b.cancel(leaves) and leader.followers == [stays]
+    assert not b.cancel(leaves)  # already gone
+    clock.advance(20)
+    assert b.expired() == [leader] and leader.followers == [stays]  # the worker answers both 504
+    assert b.in_flight == {}
+
+
+def test_resize_and_the_latency_target_move_the_cap_within_the_limit() -> None:
+    b, _ = make(max_batch=32, max_wait_ms=0, latency_target_ms=100)
+    assert b.resize(64) == 32 and b.resize(0) == 1
+    b.resize(8)
+    for i in range(8):
+        b.submit(req(f"a{i}"))
+    batch = b.next_batch()
+    b.done(batch, 0.050)  # 8 images in 50 ms, target 100 ms: B_new = 8 * 100 / 50 = 16
+    assert b.max_batch == 16
+    for i in range(16):
+        b.submit(req(f"b{i}"))
+    b.done(b.next_batch(), 0.400)  # 16 in 400 ms: 16 * 100 / 400 = 4
+    assert b.max_batch == 4
+    b.submit(req("c"))
+    b.done(b.next_batch(), 0.010)  # a partial batch under the target says nothing about the cap
+    assert b.max_batch == 4
+    fixed, _ = make(max_batch=8, max_wait_ms=0)  # no target: the cap never moves by itself
+    for i in range(8):
+        fixed.submit(req(f"d{i}"))
+    fixed.done(fixed.next_batch(), 5.0)
+    assert fixed.max_batch == 8
+
+
+def test_latency_is_modelled_per_bucket_and_retry_after_grows_with_the_queue() -> None:
+    b, _ = make(max_batch=4, max_wait_ms=0, queue_size=8)
+    for n, seconds in ((1, 0.5), (4, 2.0)):
+        b.latency_of(224).observe(n, seconds)
+    b.latency_of(160).observe(1, 0.1)
+    assert b.latency_of(160).predict(4) is None and b.latency_of(224).predict(4) == pytest.approx(2.0)
+    for i in range(8):
+        b.submit(req(f"k{i}"))
+    with pytest.raises(QueueFull) as e:
+        b.submit(req("k8"))
+    assert e.value.retry_after == pytest.approx(4.0)  # two batches of 4 ahead, 2 s each
+
+
 def test_latency_model_fits_fixed_and_per_image_cost() -> None:
     m = LatencyModel()
     assert m.predict(4) is None
@@ -139,6 +188,8 @@ def test_latency_model_fits_fixed_and_per_image_cost() -> None:
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         BatcherConfig(max_batch=0)
+    with pytest.raises(ValueError, match="latency_target_ms"):
+        BatcherConfig(latency_target_ms=0)
     with pytest.raises(ValueError, match="priority"):
         Request(key="k", bucket=1, priority="urgent")
 

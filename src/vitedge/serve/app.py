@@ -5,19 +5,26 @@ and under a real uvicorn alike. Routes: ``POST /v1/encode`` (features: safetenso
 ``Accept: application/json``), ``POST /v1/classify`` (top-k), ``GET /healthz``, ``GET /readyz``,
 ``GET /metrics`` (Prometheus text). Bodies are one image, raw or as the first part of a multipart form; the
 format is sniffed from the bytes (JPEG, PNG, WebP), never taken from the header. Errors map to status codes
-in one place (:func:`_error`): 400 undecodable, 413 too large (bytes or pixels), 415 not an image format we
-read, 429 queue full (``Retry-After``), 504 deadline passed.
+in one place (:func:`_error`): 400 undecodable, 401 missing or wrong API key, 413 too large (bytes or
+pixels), 415 not an image format we read, 429 queue full (``Retry-After``), 504 deadline passed. A client
+that disconnects while its request waits has that request dropped from the queue (logged as 499).
+
+Resolution buckets: ``create_app`` takes one encoder or ``{(H, W): encoder}`` (the first is the default); a
+request names its size with ``X-Img-Size`` or goes to the smallest size at least as large as its image's
+shorter side (else the largest), and batches never mix sizes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,8 +40,9 @@ from prometheus_client import (
 )
 from safetensors.torch import save as safetensors_bytes
 
+from vitedge.serve.auth import KeyRing, presented_key
 from vitedge.serve.batcher import PRIORITIES, BatcherConfig, QueueFull
-from vitedge.serve.worker import ModelWorker
+from vitedge.serve.worker import Job, ModelWorker
 
 FORMATS = {b"\xff\xd8\xff": "jpeg", b"\x89PNG\r\n\x1a\n": "png"}
 
@@ -49,6 +57,11 @@ class ServeConfig:
     top_k: int = 5
     threads: int = 2
     cache: str | None = "memory"  # feature-cache tiers for /v1/encode ("memory,disk,redis"); None: off
+    redis_url: str | None = None  # for a redis tier (default $VITEDGE_REDIS_URL, then localhost:6379)
+    keys: KeyRing | None = None  # API keys; None: open (the CLI then binds loopback only)
+    auto_batch: bool = False  # cap batches at the warm-up's sweet spot within batcher.max_batch
+    memory_budget: int | str | None = None  # with auto_batch: also within the memory planner's limit
+    sweep_seconds: float = 20.0  # the warm-up sweep's time budget
 
 
 class HttpError(Exception):
@@ -69,6 +82,16 @@ def sniff(data: bytes) -> str:
     raise HttpError(415, "the body is not a JPEG, PNG or WebP image (its bytes say so, whatever the header)")
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client has gone (the ASGI server sends ``http.disconnect``); the body is read."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _error(e: Exception) -> JSONResponse:
     """The one place errors become status codes."""
     if isinstance(e, HttpError):
@@ -78,23 +101,72 @@ def _error(e: Exception) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=429, headers={"Retry-After": retry})
     if isinstance(e, TimeoutError):
         return JSONResponse({"error": f"deadline passed: {e}"}, status_code=504)
+    if isinstance(e, ClientGone):  # nobody reads it; nginx's code for the log and the metrics
+        return JSONResponse({"error": "the client closed the connection"}, status_code=499)
     raise e
 
 
+def memory_limit(encoders: Mapping[tuple[int, int], Any], budget: int | str | None) -> tuple[int, int]:
+    """The memory planner's largest batch for the largest input size within ``budget`` (default: the memory
+    the kernel says is available now), and the budget in bytes.
+
+    Raises:
+        ValueError: not even one image fits.
+    """
+    from vitedge.measure.memory import parse_bytes, plan_batch
+
+    budget_bytes = parse_bytes(budget) if budget is not None else available_memory()
+    size = max(encoders, key=lambda hw: hw[0] * hw[1])
+    enc = encoders[size]
+    plan = plan_batch(enc.arch(), budget_bytes=budget_bytes, dtype=str(enc.compute_dtype).split(".")[-1])
+    if plan.max_batch < 1:
+        raise ValueError(f"{enc.model_id} at {size} does not fit the memory budget: {plan.reason}")
+    return plan.max_batch, budget_bytes
+
+
+def available_memory() -> int:
+    """``MemAvailable`` from /proc/meminfo (bytes); 8 GiB where the kernel does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 def create_app(
-    encoder: Any, config: ServeConfig | None = None, *, on_ready: Callable[[], None] | None = None
+    encoder: Any | Mapping[tuple[int, int], Any],
+    config: ServeConfig | None = None,
+    *,
+    on_ready: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The encoder service over ``encoder`` (a loaded, optimised :class:`~vitedge.models.base.Encoder`);
-    ``on_ready`` is called once the warm-up is done and work is admitted."""
+    """The encoder service over ``encoder``: a loaded, optimised :class:`~vitedge.models.base.Encoder`, or
+    ``{(H, W): encoder}`` for several input sizes (the first is the default). ``on_ready`` is called once
+    the warm-up is done and work is admitted; ``app.state.worker`` is the model worker."""
     from vitedge.cache.keys import Namespace, content_digest
     from vitedge.cache.store import CacheConfig, FeatureCache
     from vitedge.data import build_transform, decode_image_bytes, to_uint8_tensor
     from vitedge.data.images import DEFAULT_MAX_PIXELS
 
     config = config or ServeConfig()
-    worker = ModelWorker(encoder, config.batcher, threads=config.threads)
-    transform = build_transform(encoder.preprocess)
-    namespace = Namespace.of(encoder).digest
+    encoders = dict(encoder) if isinstance(encoder, Mapping) else {tuple(encoder.img_size): encoder}
+    default = next(iter(encoders.values()))
+    batcher = config.batcher
+    if config.auto_batch:
+        limit, _ = memory_limit(encoders, config.memory_budget)
+        if limit < batcher.max_batch:
+            batcher = dataclasses.replace(batcher, max_batch=limit)
+    worker = ModelWorker(
+        encoders,
+        batcher,
+        threads=config.threads,
+        auto_batch=config.auto_batch,
+        sweep_seconds=config.sweep_seconds,
+    )
+    transforms = {size: build_transform(enc.preprocess) for size, enc in encoders.items()}
+    namespaces = {size: Namespace.of(enc) for size, enc in encoders.items()}
+    by_side = sorted(encoders, key=lambda hw: min(hw))
     registry = CollectorRegistry()
     requests_total = Counter(
         "vitedge_requests", "HTTP requests by route and status", ["route", "code"], registry=registry
@@ -109,12 +181,25 @@ def create_app(
     cache_hits = Counter(
         "vitedge_cache_hits", "encode requests answered by a cache tier", ["tier"], registry=registry
     )
-    store = FeatureCache(CacheConfig.parse(config.cache)) if config.cache else None
+    images = Counter("vitedge_images", "images answered (200), cache hits included", registry=registry)
+    busy = Counter(
+        "vitedge_worker_busy_seconds",
+        "time the model worker spent computing (rate: busy fraction)",
+        registry=registry,
+    )
+    cap = Gauge("vitedge_batch_cap", "the batch size cap in force", registry=registry)
+    cancelled = Gauge(
+        "vitedge_cancelled", "queued requests dropped because their client left", registry=registry
+    )
+    store = None
+    if config.cache:
+        store = FeatureCache(CacheConfig.parse(config.cache, redis_url=config.redis_url))
     store_lock = threading.Lock()  # the feature cache is called from request threads
     if store is not None:
-        store.register(namespace, Namespace.of(encoder).to_json())
+        for ns in namespaces.values():
+            store.register(ns.digest, ns.to_json())
 
-    def lookup(key: str) -> tuple[torch.Tensor | None, str]:
+    def lookup(namespace: str, key: str) -> tuple[torch.Tensor | None, str]:
         """The cached feature of ``key`` and the tier that held it, or (None, "miss")."""
         if store is None:
             return None, "off"
@@ -122,21 +207,19 @@ def create_app(
             value, tier = store.lookup(namespace, key)
         return (None if value is None else torch.from_numpy(value)), tier or "miss"
 
-    def remember(key: str, feats: torch.Tensor) -> torch.Tensor:
+    def remember(namespace: str, key: str, feats: torch.Tensor) -> torch.Tensor:
         """Store a computed feature; answer with what a later hit returns, so hits and misses agree."""
         if store is None:
             return feats
         with store_lock:
             return torch.from_numpy(store.put(namespace, key, feats.numpy()))
 
-    state = {"ready": False, "seen_batches": 0}
+    state: dict[str, Any] = {"ready": False, "seen_batches": 0, "busy_seen": 0.0}
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        worker.start()  # warm up once, then admit work
-        x = encoder.example_input(1)[0]
-        job = worker.submit("warm-up", tuple(x.shape), x, priority="normal", deadline_s=None)
-        await asyncio.wrap_future(job.future)
+        worker.start()  # warm up (and size batches), then admit work
+        await asyncio.wrap_future(worker.ready)
         state["ready"] = True
         if on_ready is not None:
             on_ready()
@@ -147,6 +230,34 @@ def create_app(
             store.close()
 
     app = FastAPI(title="vitedge encoder service", version="1", lifespan=lifespan)
+
+    def authorise(request: Request) -> None:
+        if config.keys is None:
+            return
+        key = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if config.keys.check(key) is None:
+            raise HttpError(
+                401,
+                "missing or wrong API key (send Authorization: Bearer KEY or X-API-Key: KEY)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    def bucket_of(request: Request, pixels: torch.Tensor) -> tuple[int, int]:
+        """The input size a request runs at: ``X-Img-Size`` (N or HxW), else the smallest size at least as
+        large as the image's shorter side, else the largest."""
+        named = request.headers.get("x-img-size")
+        if named is not None:
+            parts = named.lower().split("x")
+            try:
+                hw = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else None
+            except ValueError:
+                hw = None
+            if hw not in encoders:
+                sizes = ", ".join(f"{h}x{w}" for h, w in encoders)
+                raise HttpError(400, f"X-Img-Size {named!r} is not served here; sizes: {sizes}")
+            return hw  # type: ignore[return-value]
+        short = min(pixels.shape[-2:])
+        return next((hw for hw in by_side if min(hw) >= short), by_side[-1])
 
     async def body_of(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -175,6 +286,7 @@ def create_app(
         return content_digest(pixels.numpy()), pixels
 
     async def run(request: Request, route: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        authorise(request)
         priority = request.headers.get("x-priority", "normal")
         if priority not in PRIORITIES:
             raise HttpError(400, f"X-Priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
@@ -187,20 +299,42 @@ def create_app(
             ) from None
         data = await body_of(request)
         key, pixels = await asyncio.to_thread(decode, data)  # decoding never blocks the event loop
+        size = bucket_of(request, pixels)
+        h, w = size
+        namespace = namespaces[size].digest
         if route == "encode":  # a hit is answered without touching the queue
-            cached, tier = await asyncio.to_thread(lookup, key)
+            cached, tier = await asyncio.to_thread(lookup, namespace, key)
             if cached is not None:
                 cache_hits.labels(tier).inc()
-                return {"features": cached}, {"X-Cache": tier, "X-Queue-Ms": "0.0", "X-Compute-Ms": "0.0"}
-        x = await asyncio.to_thread(transform.batch, pixels)  # preprocessing only for work the model does
-        job = worker.submit(f"{namespace}:{key}", tuple(x.shape), x, priority=priority, deadline_s=deadline_s)
-        result = await asyncio.wrap_future(job.future)
-        headers = {"X-Queue-Ms": f"{job.queued_s * 1e3:.1f}", "X-Compute-Ms": f"{job.compute_s * 1e3:.1f}"}
+                hit = {"X-Cache": tier, "X-Queue-Ms": "0.0", "X-Compute-Ms": "0.0", "X-Img-Size": f"{h}x{w}"}
+                return {"features": cached}, hit
+        x = await asyncio.to_thread(transforms[size].batch, pixels)  # only for work the model does
+        job = worker.submit(f"{namespace}:{key}", size, x, priority=priority, deadline_s=deadline_s)
+        result = await answered(request, job)
+        headers = {
+            "X-Queue-Ms": f"{job.queued_s * 1e3:.1f}",
+            "X-Compute-Ms": f"{job.compute_s * 1e3:.1f}",
+            "X-Img-Size": f"{h}x{w}",
+        }
         if route == "encode":
-            stored = await asyncio.to_thread(remember, key, result["features"])
+            stored = await asyncio.to_thread(remember, namespace, key, result["features"])
             result = {**result, "features": stored}
             headers["X-Cache"] = "miss" if store is not None else "off"
         return result, headers
+
+    async def answered(request: Request, job: Job) -> dict[str, torch.Tensor]:
+        """The job's result; if the client disconnects first, the job leaves the queue (ClientGone)."""
+        result = asyncio.wrap_future(job.future)
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait([result, gone], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
+        finally:
+            gone.cancel()
+        if not result.done():
+            worker.cancel(job)  # a running batch is not interrupted; its answer is thrown away
+            result.cancel()
+            raise ClientGone()
+        return result.result()
 
     async def handle(request: Request, route: str, answer: Any) -> Response:
         start = time.perf_counter()
@@ -211,6 +345,8 @@ def create_app(
             response = _error(e)
         requests_total.labels(route, str(response.status_code)).inc()
         latency.labels(route).observe(time.perf_counter() - start)
+        if response.status_code == 200:
+            images.inc()
         return response
 
     def encode_answer(request: Request, result: dict[str, torch.Tensor], headers: dict[str, str]) -> Response:
@@ -227,13 +363,13 @@ def create_app(
         request: Request, result: dict[str, torch.Tensor], headers: dict[str, str]
     ) -> Response:
         if "logits" not in result:
-            raise HttpError(400, f"{encoder.model_id} has no classifier head; use /v1/encode")
+            raise HttpError(400, f"{default.model_id} has no classifier head; use /v1/encode")
         probs = result["logits"].softmax(-1)
         top = probs.topk(min(config.top_k, probs.numel()))
         rows = [
             {"index": int(i), "probability": float(p)} for p, i in zip(top.values, top.indices, strict=True)
         ]
-        return JSONResponse({"model": encoder.model_id, "top": rows}, headers=headers)
+        return JSONResponse({"model": default.model_id, "top": rows}, headers=headers)
 
     @app.post("/v1/encode")
     async def encode(request: Request) -> Response:
@@ -250,15 +386,24 @@ def create_app(
     @app.get("/readyz")
     def readyz() -> Response:
         ready = bool(state["ready"])
-        return JSONResponse({"ready": ready, "model": encoder.model_id}, status_code=200 if ready else 503)
+        body = {"ready": ready, "model": default.model_id, "max_batch": worker.max_batch}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        try:
+            authorise(request)
+        except HttpError as e:
+            return _error(e)
         for priority, n in worker.depth().items():
             depth.labels(priority).set(n)
-        for n in worker.batch_sizes[state["seen_batches"] :]:
+        for n in worker.sizes_since(state["seen_batches"]):
             batch_size.observe(n)
-        state["seen_batches"] = len(worker.batch_sizes)
+        state["seen_batches"] = worker.batches
+        busy.inc(worker.busy_s - state["busy_seen"])
+        state["busy_seen"] = worker.busy_s
+        cap.set(worker.max_batch)
+        cancelled.set(worker.cancelled)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.worker = worker

@@ -22,11 +22,19 @@ Policy:
 - **Backpressure.** Each priority has a bounded queue; a full one refuses with a ``retry_after`` estimate
   (429).
 - **Single flight.** A request whose ``key`` (the feature-cache key of its image and model) is already queued
-  or running is attached to that one and answered with its result; it never takes a batch slot.
+  or running is attached to that one and answered with its result; it never takes a batch slot. A follower
+  shares its leader's fate (result, error or expiry); the worker answers ``[leader, *leader.followers]``.
+- **Batch size.** ``config.max_batch`` is the limit; ``Batcher.max_batch`` the cap in force, set by the
+  service's warm-up (:meth:`resize`) and, with ``latency_target_ms``, moved after each batch by the seed's
+  rule ``B_new = n * T_target / T_measured`` (at most doubling per step, within 1..limit), so that batches
+  track the latency target as load and input size change.
+- **Latency per bucket.** Each input size has its own :class:`LatencyModel`: a 160 px batch says nothing
+  about a 224 px one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +53,7 @@ class BatcherConfig:
     deadline_ms: float = 30_000.0  # for requests that bring none
     aging_ms: float = 500.0
     realtime_max_batch: int = 4
+    latency_target_ms: float | None = None  # move the batch cap towards this per-batch latency
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.realtime_max_batch < 1 or self.queue_size < 1:
@@ -52,6 +61,8 @@ class BatcherConfig:
                 "max_batch, realtime_max_batch and queue_size must be >= 1, got "
                 f"{self.max_batch}, {self.realtime_max_batch} and {self.queue_size}"
             )
+        if self.latency_target_ms is not None and self.latency_target_ms <= 0:
+            raise ValueError(f"latency_target_ms must be > 0, got {self.latency_target_ms}")
         if self.max_wait_ms < 0 or self.deadline_ms <= 0 or self.aging_ms <= 0:
             raise ValueError(
                 f"need max_wait_ms >= 0 and deadline_ms, aging_ms > 0, got {self.max_wait_ms}, "
@@ -121,11 +132,11 @@ class Batcher:
         config: BatcherConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
-        latency: LatencyModel | None = None,
     ) -> None:
         self.config = config or BatcherConfig()
         self.clock = clock
-        self.latency = latency or LatencyModel()
+        self.max_batch = self.config.max_batch  # the cap in force (see resize and latency_target_ms)
+        self.latency: dict[Any, LatencyModel] = {}  # per bucket
         self.queues: dict[str, list[Request]] = {p: [] for p in PRIORITIES}
         self.in_flight: dict[str, Request] = {}  # key -> the request computing it (queued or running)
         self.completed = 0
@@ -156,13 +167,31 @@ class Batcher:
     def _retry_after(self, priority: str) -> float:
         """Seconds until the queue of ``priority`` may have drained a batch: one batch's predicted time, at
         least a second (HTTP's Retry-After is whole seconds)."""
-        per_batch = self.latency.predict(self.config.max_batch)
-        return max(1.0, per_batch or 1.0)
+        queued = len(self.queues[priority])
+        per_batch = [m.predict(self.max_batch) for m in self.latency.values()]
+        known = [s for s in per_batch if s is not None]
+        batches = math.ceil(queued / self.max_batch)
+        return max(1.0, batches * max(known) if known else 1.0)
+
+    def latency_of(self, bucket: Any) -> LatencyModel:
+        if bucket not in self.latency:
+            self.latency[bucket] = LatencyModel()
+        return self.latency[bucket]
+
+    def resize(self, n: int) -> int:
+        """Set the batch cap to ``n`` within 1..``config.max_batch``; return the cap now in force."""
+        self.max_batch = max(1, min(int(n), self.config.max_batch))
+        return self.max_batch
 
     def cancel(self, request: Request) -> bool:
-        """Drop a queued request (its client went away); False when it is running or unknown."""
+        """Drop a request whose client went away: a queued one (its followers, if any, take over) or a
+        follower (detached from its leader). False when it is running or unknown."""
         queue = self.queues[request.priority]
         if request not in queue:
+            leader = self.in_flight.get(request.key)
+            if leader is not None and request in leader.followers:
+                leader.followers.remove(request)
+                return True
             return False
         queue.remove(request)
         if request.followers:  # its followers still want the result: the first of them takes its place
@@ -181,7 +210,8 @@ class Batcher:
         return max(0, PRIORITIES.index(request.priority) - aged)
 
     def expired(self) -> list[Request]:
-        """Remove and return the queued requests whose deadline has passed (answered 504, never run)."""
+        """Remove and return the queued requests whose deadline has passed (answered 504 with their
+        followers, never run)."""
         now = self.clock()
         dropped: list[Request] = []
         for priority, queue in self.queues.items():
@@ -200,8 +230,8 @@ class Batcher:
     def cap(self) -> int:
         """The batch size limit now: ``realtime_max_batch`` while realtime work is queued."""
         if self.queues["realtime"]:
-            return min(self.config.max_batch, self.config.realtime_max_batch)
-        return self.config.max_batch
+            return min(self.max_batch, self.config.realtime_max_batch)
+        return self.max_batch
 
     def wait_time(self) -> float | None:
         """Seconds until a batch is due (0: now), or None when nothing is queued."""
@@ -231,8 +261,9 @@ class Batcher:
 
     def _fit_deadlines(self, batch: list[Request], now: float) -> list[Request]:
         """The largest prefix of ``batch`` (at least one) predicted to finish before its earliest deadline."""
+        model = self.latency_of(batch[0].bucket)
         for n in range(len(batch), 1, -1):
-            predicted = self.latency.predict(n)
+            predicted = model.predict(n)
             earliest = min(r.deadline for r in batch[:n] if r.deadline is not None)
             if predicted is None or now + predicted <= earliest:
                 return batch[:n]
@@ -241,7 +272,14 @@ class Batcher:
     def done(self, batch: list[Request], seconds: float) -> list[Request]:
         """Record that ``batch`` ran in ``seconds``; return every request to answer (the batch and its
         followers)."""
-        self.latency.observe(len(batch), seconds)
+        self.latency_of(batch[0].bucket).observe(len(batch), seconds)
+        target = self.config.latency_target_ms
+        if target is not None and seconds > 0 and len(batch) >= self.max_batch:
+            # the seed's rule, only from full batches (a partial one says how long n took, not the cap)
+            wanted = len(batch) * target / 1e3 / seconds
+            self.resize(min(round(wanted), 2 * self.max_batch))
+        elif target is not None and seconds * 1e3 > target:
+            self.resize(min(self.max_batch, round(len(batch) * target / 1e3 / seconds)))
         answered: list[Request] = []
         for r in batch:
             if self.in_flight.get(r.key) is r:

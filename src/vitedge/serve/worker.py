@@ -1,16 +1,23 @@
-"""The one model worker: owns the encoder and the cores, runs the batches the scheduler picks.
+"""The one model worker: owns the encoders and the cores, runs the batches the scheduler picks.
 
-Request threads never run the model. They decode and preprocess an image, hand a :class:`Job` to
-:meth:`ModelWorker.submit`, and wait on its future; the worker thread asks the :class:`Batcher` for the next
-batch, stacks the inputs, runs the encoder once, and resolves every job of the batch (and of its single-flight
-followers).
+Request threads never run the model. They decode and preprocess an image, hand it to
+:meth:`ModelWorker.submit`, and wait on the :class:`Job`'s future; the worker thread asks the
+:class:`~vitedge.serve.batcher.Batcher` for the next batch, stacks the inputs, runs the encoder of that
+batch's input size once, and answers every request of the batch and its single-flight followers.
+
+Before it admits work the worker warms up: one forward per input size, then a sweep of batch sizes
+1, 2, 4, ... on the first (default) size that calibrates the batcher's latency model and, with
+``auto_batch``, sets the batch cap to the throughput sweet spot: the smallest batch within ``SWEET_SPOT``
+of the best images/s measured (larger batches only add latency).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +28,8 @@ from vitedge.serve.batcher import Batcher, BatcherConfig, Request
 
 log = logging.getLogger(__name__)
 
+SWEET_SPOT = 0.95  # a batch within 5 % of the best images/s is as good, and waits less
+
 
 @dataclass(eq=False)
 class Job:
@@ -28,23 +37,63 @@ class Job:
 
     x: torch.Tensor
     future: Future[dict[str, torch.Tensor]] = field(default_factory=Future)
+    request: Request | None = None
     queued_s: float = 0.0  # time between admission and the start of its batch
     compute_s: float = 0.0  # its batch's forward time
 
 
-class ModelWorker:
-    """One thread that runs ``encoder`` on batches; ``threads`` torch threads, set once on that thread."""
+@dataclass(frozen=True, kw_only=True)
+class SweepPoint:
+    batch: int
+    seconds: float  # the faster of two timed forwards after an untimed one
 
-    def __init__(self, encoder: Any, config: BatcherConfig, *, threads: int = 2) -> None:
-        self.encoder = encoder.eval()
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.seconds
+
+    def to_json(self) -> dict[str, float]:
+        return {"batch": self.batch, "seconds": self.seconds, "images_per_s": self.images_per_s}
+
+
+class ModelWorker:
+    """One thread that runs ``encoders`` (one per input size, the first is the default) on batches, with
+    ``threads`` torch threads set once on that thread.
+
+    Args:
+        encoders: ``{(H, W): encoder}``; a request's bucket is its input size.
+        config: the batcher's settings; ``max_batch`` is the limit the cap never exceeds.
+        threads: torch threads of the worker (the cores it owns).
+        auto_batch: set the cap to the warm-up sweep's sweet spot (else it stays ``config.max_batch``).
+        sweep_seconds: stop the sweep once it has spent this long or one forward takes over a tenth of it.
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[tuple[int, int], Any],
+        config: BatcherConfig,
+        *,
+        threads: int = 2,
+        auto_batch: bool = False,
+        sweep_seconds: float = 20.0,
+    ) -> None:
+        if not encoders:
+            raise ValueError("the worker needs at least one encoder")
+        self.encoders = {size: enc.eval() for size, enc in encoders.items()}
         self.batcher = Batcher(config)
         self.threads = threads
+        self.auto_batch = auto_batch
+        self.sweep_seconds = sweep_seconds
+        self.sweep: list[SweepPoint] = []
+        self.ready: Future[None] = Future()  # resolved when warm-up is done (or failed)
         self._cond = threading.Condition()
         self._stop = False
         self.busy_s = 0.0
+        self.images = 0
+        self.batches = 0
+        self.cancelled = 0
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self.started = time.monotonic()
-        self.batch_sizes: list[int] = []
-        self._thread = threading.Thread(target=self._loop, name="vitedge-model-worker", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="vitedge-model-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -57,31 +106,96 @@ class ModelWorker:
         self._thread.join(timeout)
 
     def submit(
-        self, key: str, bucket: Any, x: torch.Tensor, *, priority: str, deadline_s: float | None
+        self, key: str, bucket: tuple[int, int], x: torch.Tensor, *, priority: str, deadline_s: float | None
     ) -> Job:
         """Queue one image; raises :class:`~vitedge.serve.batcher.QueueFull` when its priority is full."""
+        if bucket not in self.encoders:
+            raise ValueError(f"no encoder for input size {bucket}; the service runs {list(self.encoders)}")
         job = Job(x=x)
         with self._cond:
             now = self.batcher.clock()
             deadline = None if deadline_s is None else now + deadline_s
-            leader = self.batcher.submit(
-                Request(key=key, bucket=bucket, priority=priority, payload=job, deadline=deadline)
-            )
-            if leader.payload is not job:  # single flight: answered with the identical image's result
-                leader.payload.future.add_done_callback(lambda f: _copy_result(f, job))
+            job.request = Request(key=key, bucket=bucket, priority=priority, payload=job, deadline=deadline)
+            self.batcher.submit(job.request)
             self._cond.notify_all()
         return job
+
+    def cancel(self, job: Job) -> bool:
+        """Drop ``job`` if it has not started (its client went away); True when it was dropped."""
+        with self._cond:
+            dropped = job.request is not None and self.batcher.cancel(job.request)
+            self.cancelled += dropped
+        return dropped
 
     def depth(self) -> dict[str, int]:
         with self._cond:
             return self.batcher.depth()
 
-    def _loop(self) -> None:
+    def sizes_since(self, batches: int) -> list[int]:
+        """The sizes of the batches run after the first ``batches`` (of the last 10,000)."""
+        n = self.batches - batches
+        return list(self.batch_sizes)[-n:] if n > 0 else []
+
+    @property
+    def max_batch(self) -> int:
+        return self.batcher.max_batch
+
+    # --- the worker thread ----------------------------------------------------------------------
+    def _main(self) -> None:
         torch.set_num_threads(self.threads)  # once, on the thread that computes
+        try:
+            self._warm_up()
+        except Exception as e:
+            log.exception("warm-up failed")
+            self.ready.set_exception(e)
+            return
+        self.ready.set_result(None)
+        self._loop()
+
+    def _forward(self, enc: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            x = x.to(enc.compute_dtype)
+            with enc.autocast(x):
+                feats = enc.forward_features(x)
+                out = {"features": feats}
+                if enc.info.num_classes:
+                    out["logits"] = enc.forward_head(feats)
+        return out
+
+    def _timed(self, size: tuple[int, int], n: int) -> float:
+        enc = self.encoders[size]
+        x = enc.example_input(n)
+        start = time.perf_counter()
+        self._forward(enc, x)
+        return time.perf_counter() - start
+
+    def _warm_up(self) -> None:
+        for size in self.encoders:  # kernels paged in, thread pool started, for every input size
+            self._timed(size, 1)
+        size = next(iter(self.encoders))
+        spent, n = 0.0, 1
+        while n <= self.batcher.config.max_batch:
+            first = self._timed(size, n)  # a new shape: the kernels' first call sets up
+            seconds = min(self._timed(size, n), self._timed(size, n))
+            spent += first + 2 * seconds
+            self.sweep.append(SweepPoint(batch=n, seconds=seconds))
+            with self._cond:
+                self.batcher.latency_of(size).observe(n, seconds)
+            if spent > self.sweep_seconds or seconds > self.sweep_seconds / 10:
+                break
+            n *= 2
+        if self.auto_batch:
+            best = max(p.images_per_s for p in self.sweep)
+            sweet = min(p.batch for p in self.sweep if p.images_per_s >= SWEET_SPOT * best)
+            with self._cond:
+                self.batcher.resize(sweet)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 for late in self.batcher.expired():
-                    late.payload.future.set_exception(TimeoutError("the deadline passed before it ran"))
+                    for r in (late, *late.followers):
+                        r.payload.future.set_exception(TimeoutError("the deadline passed before it ran"))
                 wait = self.batcher.wait_time()
                 if wait is None and self._stop:
                     return
@@ -96,38 +210,28 @@ class ModelWorker:
         jobs: list[Job] = [r.payload for r in batch]
         start = time.monotonic()
         try:
-            x = torch.stack([j.x for j in jobs])
-            with torch.inference_mode():
-                x = x.to(self.encoder.compute_dtype)
-                with self.encoder.autocast(x):
-                    feats = self.encoder.forward_features(x)
-                    logits = self.encoder.forward_head(feats) if self.encoder.info.num_classes else None
-            results = [
-                {
-                    "features": feats[i].float(),
-                    **({"logits": logits[i].float()} if logits is not None else {}),
-                }
-                for i in range(len(jobs))
-            ]
+            out = self._forward(self.encoders[batch[0].bucket], torch.stack([j.x for j in jobs]))
+            results: list[Any] = [{k: v[i].float() for k, v in out.items()} for i in range(len(jobs))]
         except Exception as e:  # a failing batch answers its requests with the error, the worker goes on
             log.exception("batch of %d failed", len(jobs))
-            results = [e] * len(jobs)  # type: ignore[list-item]
+            results = [e] * len(jobs)
         elapsed = time.monotonic() - start
         self.busy_s += elapsed
+        self.images += len(jobs)
+        self.batches += 1
         self.batch_sizes.append(len(jobs))
         with self._cond:
             self.batcher.done(batch, elapsed)
-        for request, job, result in zip(batch, jobs, results, strict=True):
-            job.queued_s = start - request.arrival
+            answers = [
+                (r, result)
+                for leader, result in zip(batch, results, strict=True)
+                for r in (leader, *leader.followers)
+            ]
+        for request, result in answers:
+            job = request.payload
+            job.queued_s = max(0.0, start - request.arrival)
             job.compute_s = elapsed
             if isinstance(result, Exception):
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
-
-
-def _copy_result(source: Future[dict[str, torch.Tensor]], job: Job) -> None:
-    if source.exception() is not None:
-        job.future.set_exception(source.exception())  # type: ignore[arg-type]
-    else:
-        job.future.set_result(source.result())
