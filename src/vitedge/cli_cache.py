@@ -6,6 +6,7 @@ They register on the shared :data:`vitedge.cli_common.app`, under their own pane
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -243,7 +244,6 @@ def serve(
     dynamic batching, priorities (X-Priority) and deadlines (X-Deadline-Ms); one JSON line when ready."""
     import json
     import os
-    import socket
     import sys
 
     import uvicorn
@@ -281,8 +281,7 @@ def serve(
         auto_batch=auto,
         memory_budget=memory_budget,
     )
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.bind((host, port))  # bound before the model warms up: the port in the ready line is the real one
+    sock = bind_socket(host, port)  # bound before the model warms up: the ready line names the real port
     bound = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
     ready: dict[str, object] = {"url": f"http://{url_host}:{bound}", "model": model, "pid": os.getpid()}
@@ -311,6 +310,16 @@ def serve(
     app_ = create_app(encoders, config, on_ready=announce)
     server = _draining_server()(uvicorn.Config(app_, log_level="warning", timeout_graceful_shutdown=30))
     server.run(sockets=[sock])
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: a free port) for uvicorn, with TCP_NODELAY, which accepted
+    connections inherit: without it Nagle holds a response's second write until the client's delayed ACK,
+    about 40 ms per request on Linux (uvicorn sets it only on sockets it creates itself)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def parse_sizes(text: str | None) -> list[int]:

@@ -187,3 +187,12 @@ def test_vitedge_serve_starts_answers_and_drains_on_sigterm() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_the_served_socket_sends_small_writes_at_once() -> None:
+    import socket
+
+    from vitedge.cli_cache import bind_socket
+
+    with bind_socket("127.0.0.1", 0) as sock:  # Nagle off, or every answer waits ~40 ms for a delayed ACK
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -66,11 +66,15 @@ def test_realtime_goes_first_with_a_smaller_batch_and_aging_prevents_starvation(
     b.submit(req("rt2", priority="realtime"))
     assert b.cap() == 2 and b.wait_time() == 0.0  # realtime does not wait for company
     assert [r.key for r in b.next_batch()] == ["rt0", "rt1"]
-    assert [r.key for r in b.next_batch()] == ["rt2", "bulk0"]  # still capped while realtime was queued
-    clock.advance(250)  # bulk has aged two ranks: level with fresh realtime work, and older
+    assert [r.key for r in b.next_batch()] == ["rt2"]  # a realtime batch is not padded with bulk work
+    clock.advance(150)  # bulk has waited 151 ms: 1.5 levels, not yet ahead of fresh realtime work
     b.submit(req("rt3", priority="realtime"))
-    assert b.rank(b.queues["bulk"][0], clock()) == 0
-    assert [r.key for r in b.next_batch()] == ["bulk1", "bulk2"]  # the oldest of equal rank runs first
+    assert b.rank(b.queues["bulk"][0], clock()) == pytest.approx(2 - 1.51)
+    assert [r.key for r in b.next_batch()] == ["rt3"]
+    clock.advance(100)  # 251 ms: two levels and more ahead of a realtime request that just came
+    b.submit(req("rt4", priority="realtime"))
+    assert b.rank(b.queues["bulk"][0], clock()) < b.rank(b.queues["realtime"][0], clock())
+    assert [r.key for r in b.next_batch()] == ["bulk0", "bulk1"]  # aged bulk runs before fresh realtime
 
 
 def test_a_full_queue_refuses_with_retry_after() -> None:

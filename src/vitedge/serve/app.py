@@ -157,14 +157,15 @@ def create_app(
         limit, _ = memory_limit(encoders, config.memory_budget)
         if limit < batcher.max_batch:
             batcher = dataclasses.replace(batcher, max_batch=limit)
+    transforms = {size: build_transform(enc.preprocess).batch for size, enc in encoders.items()}
     worker = ModelWorker(
         encoders,
         batcher,
         threads=config.threads,
         auto_batch=config.auto_batch,
+        prepare=transforms,
         sweep_seconds=config.sweep_seconds,
     )
-    transforms = {size: build_transform(enc.preprocess) for size, enc in encoders.items()}
     namespaces = {size: Namespace.of(enc) for size, enc in encoders.items()}
     by_side = sorted(encoders, key=lambda hw: min(hw))
     registry = CollectorRegistry()
@@ -297,6 +298,7 @@ def create_app(
             raise HttpError(
                 400, f"X-Deadline-Ms must be a number of milliseconds, got {deadline_ms!r}"
             ) from None
+        worker.admit(priority)  # a full queue refuses before the body is read or decoded
         data = await body_of(request)
         key, pixels = await asyncio.to_thread(decode, data)  # decoding never blocks the event loop
         size = bucket_of(request, pixels)
@@ -308,8 +310,8 @@ def create_app(
                 cache_hits.labels(tier).inc()
                 hit = {"X-Cache": tier, "X-Queue-Ms": "0.0", "X-Compute-Ms": "0.0", "X-Img-Size": f"{h}x{w}"}
                 return {"features": cached}, hit
-        x = await asyncio.to_thread(transforms[size].batch, pixels)  # only for work the model does
-        job = worker.submit(f"{namespace}:{key}", size, x, priority=priority, deadline_s=deadline_s)
+        # preprocessing runs on the worker with its threads (a request thread would oversubscribe the cores)
+        job = worker.submit(f"{namespace}:{key}", size, pixels, priority=priority, deadline_s=deadline_s)
         result = await answered(request, job)
         headers = {
             "X-Queue-Ms": f"{job.queued_s * 1e3:.1f}",

@@ -8,13 +8,15 @@ Policy:
 
 - **Buckets.** Requests are grouped by preprocessed input size (``bucket``); a batch never mixes buckets, so
   nothing is padded into another size's batch.
-- **Priorities with aging.** ``realtime`` ranks before ``normal`` before ``bulk``; a request gains one rank
-  for every ``aging_ms`` it has waited, so bulk work is never starved. The batch's bucket is that of the
+- **Priorities with aging.** ``realtime`` ranks before ``normal`` before ``bulk``; every request's rank falls
+  by one for every ``aging_ms`` it has waited, so one level of priority is a head start of ``aging_ms``
+  (default 2 s) and bulk work is never starved. The batch's bucket is that of the
   best-ranked waiting request (ties: the oldest), and the batch is filled from that bucket in the same order.
 - **When a batch closes.** When ``max_batch`` requests of the bucket wait, or the oldest has waited
   ``max_wait_ms``, or a realtime request waits (it does not wait for company).
 - **Bounding a realtime request's wait.** A running batch is never interrupted, so while realtime work is
-  queued the batch cap drops to ``realtime_max_batch``: the batch it may have to wait behind is short.
+  queued the batch cap drops to ``realtime_max_batch``, and a batch led by realtime work holds realtime work
+  only: a realtime request waits for at most the rest of the running batch and then its own short batch.
 - **Deadlines.** Each request has one (its own or ``deadline_ms``). With a latency model (per-batch latency
   measured by the worker, :class:`LatencyModel`), the batch is the largest that still completes before the
   earliest deadline in it; requests whose deadline has passed before they start are dropped (the service
@@ -51,7 +53,7 @@ class BatcherConfig:
     max_wait_ms: float = 10.0
     queue_size: int = 256  # per priority
     deadline_ms: float = 30_000.0  # for requests that bring none
-    aging_ms: float = 500.0
+    aging_ms: float = 2000.0
     realtime_max_batch: int = 4
     latency_target_ms: float | None = None  # move the batch cap towards this per-batch latency
 
@@ -157,12 +159,16 @@ class Batcher:
         if leader is not None:  # single flight: the same image for the same model is computed once
             leader.followers.append(request)
             return leader
-        queue = self.queues[request.priority]
-        if len(queue) >= self.config.queue_size:
-            raise QueueFull(request.priority, self._retry_after(request.priority))
-        queue.append(request)
+        self.admit(request.priority)
+        self.queues[request.priority].append(request)
         self.in_flight[request.key] = request
         return request
+
+    def admit(self, priority: str) -> None:
+        """Raise :class:`QueueFull` now if ``priority``'s queue is full, so a refused request costs no
+        decoding (``submit`` checks again: the queue may fill in between)."""
+        if len(self.queues[priority]) >= self.config.queue_size:
+            raise QueueFull(priority, self._retry_after(priority))
 
     def _retry_after(self, priority: str) -> float:
         """Seconds until the queue of ``priority`` may have drained a batch: one batch's predicted time, at
@@ -204,10 +210,11 @@ class Batcher:
         return True
 
     # --- scheduling -----------------------------------------------------------------------------
-    def rank(self, request: Request, now: float) -> int:
-        """Lower runs first: the priority's index, less one for every ``aging_ms`` waited (at least 0)."""
-        aged = int((now - request.arrival) * 1e3 // self.config.aging_ms)
-        return max(0, PRIORITIES.index(request.priority) - aged)
+    def rank(self, request: Request, now: float) -> float:
+        """Lower runs first: the priority's index less the time waited in units of ``aging_ms``. Every
+        request ages alike, so one level of priority is a head start of ``aging_ms``: a normal request runs
+        before a realtime one only if it has waited ``aging_ms`` longer, and bulk is never starved."""
+        return PRIORITIES.index(request.priority) - (now - request.arrival) * 1e3 / self.config.aging_ms
 
     def expired(self) -> list[Request]:
         """Remove and return the queued requests whose deadline has passed (answered 504 with their
@@ -253,7 +260,10 @@ class Batcher:
         now = self.clock()
         order = self._waiting(now)
         head = order[0]
-        batch = [r for r in order if r.bucket == head.bucket][: self.cap()]
+        batch = [r for r in order if r.bucket == head.bucket]
+        if head.priority == "realtime":  # not padded with lower priorities: they would only make it slower
+            batch = [r for r in batch if r.priority == "realtime"]
+        batch = batch[: self.cap()]
         batch = self._fit_deadlines(batch, now)
         for r in batch:
             self.queues[r.priority].remove(r)

@@ -17,7 +17,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,8 @@ SWEET_SPOT = 0.95  # a batch within 5 % of the best images/s is as good, and wai
 
 @dataclass(eq=False)
 class Job:
-    """One preprocessed image (``x`` (C, H, W)) and where its answer goes."""
+    """One image (``x``: the model's input (C, H, W), or decoded uint8 pixels that the worker's ``prepare``
+    turns into it) and where its answer goes."""
 
     x: torch.Tensor
     future: Future[dict[str, torch.Tensor]] = field(default_factory=Future)
@@ -45,7 +46,7 @@ class Job:
 @dataclass(frozen=True, kw_only=True)
 class SweepPoint:
     batch: int
-    seconds: float  # the faster of two timed forwards after an untimed one
+    seconds: float  # the fastest of three timed forwards after an untimed one
 
     @property
     def images_per_s(self) -> float:
@@ -64,6 +65,9 @@ class ModelWorker:
         config: the batcher's settings; ``max_batch`` is the limit the cap never exceeds.
         threads: torch threads of the worker (the cores it owns).
         auto_batch: set the cap to the warm-up sweep's sweet spot (else it stays ``config.max_batch``).
+        prepare: ``{(H, W): fn}`` turning a job's ``x`` into the model's input, run on the worker thread
+            (with its torch threads: preprocessing in request threads would oversubscribe the cores while a
+            forward runs); None: jobs arrive prepared.
         sweep_seconds: stop the sweep once it has spent this long or one forward takes over a tenth of it.
     """
 
@@ -74,6 +78,7 @@ class ModelWorker:
         *,
         threads: int = 2,
         auto_batch: bool = False,
+        prepare: Mapping[tuple[int, int], Callable[[torch.Tensor], torch.Tensor]] | None = None,
         sweep_seconds: float = 20.0,
     ) -> None:
         if not encoders:
@@ -82,6 +87,7 @@ class ModelWorker:
         self.batcher = Batcher(config)
         self.threads = threads
         self.auto_batch = auto_batch
+        self.prepare = dict(prepare or {})
         self.sweep_seconds = sweep_seconds
         self.sweep: list[SweepPoint] = []
         self.ready: Future[None] = Future()  # resolved when warm-up is done (or failed)
@@ -119,6 +125,11 @@ class ModelWorker:
             self.batcher.submit(job.request)
             self._cond.notify_all()
         return job
+
+    def admit(self, priority: str) -> None:
+        """Raise :class:`~vitedge.serve.batcher.QueueFull` if ``priority``'s queue is full now."""
+        with self._cond:
+            self.batcher.admit(priority)
 
     def cancel(self, job: Job) -> bool:
         """Drop ``job`` if it has not started (its client went away); True when it was dropped."""
@@ -176,8 +187,8 @@ class ModelWorker:
         spent, n = 0.0, 1
         while n <= self.batcher.config.max_batch:
             first = self._timed(size, n)  # a new shape: the kernels' first call sets up
-            seconds = min(self._timed(size, n), self._timed(size, n))
-            spent += first + 2 * seconds
+            seconds = min(self._timed(size, n) for _ in range(3))
+            spent += first + 3 * seconds
             self.sweep.append(SweepPoint(batch=n, seconds=seconds))
             with self._cond:
                 self.batcher.latency_of(size).observe(n, seconds)
@@ -210,7 +221,9 @@ class ModelWorker:
         jobs: list[Job] = [r.payload for r in batch]
         start = time.monotonic()
         try:
-            out = self._forward(self.encoders[batch[0].bucket], torch.stack([j.x for j in jobs]))
+            prepare = self.prepare.get(batch[0].bucket)
+            x = torch.stack([prepare(j.x) if prepare else j.x for j in jobs])
+            out = self._forward(self.encoders[batch[0].bucket], x)
             results: list[Any] = [{k: v[i].float() for k, v in out.items()} for i in range(len(jobs))]
         except Exception as e:  # a failing batch answers its requests with the error, the worker goes on
             log.exception("batch of %d failed", len(jobs))
