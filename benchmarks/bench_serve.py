@@ -1,23 +1,24 @@
 """Load test of `vitedge serve`: throughput against the same model offline, latency per priority, overload and
 the feature cache, on real images, with a bounded load generator on loopback (issue #18).
 
-    python benchmarks/bench_serve.py --model timm:deit_tiny_patch16_224 --requests 600 --realtime-share 0.1 --json
-    python benchmarks/bench_serve.py --model cifar-vit --requests 3000 --realtime-share 0.1 --overload \\
-        --overload-requests 10000 --json
+    python benchmarks/bench_serve.py --model timm:deit_tiny_patch16_224 --requests 600 --overload \\
+        --overload-requests 2000 --json
+    python benchmarks/bench_serve.py --model cifar-vit --requests 3000 --overload --overload-requests 10000 \\
+        --repeat 20 --json
     python benchmarks/bench_serve.py --model timm:vit_base_patch16_224 --repeat 10 --requests 0 --json
 
 It starts `vitedge serve MODEL [-O ...] --cache none --port 0 --json` itself (or takes `--url`), then, in
 order, each phase with its own requests:
 
 1. **unloaded**: one request at a time at batch 1 (``serial_images_per_s``, ``unloaded_p50_ms``);
-2. **saturation**: ``--concurrency`` closed-loop clients (default 3x the batch the server chose, so a full next
-   batch is always waiting), every ``1/realtime_share``-th request ``X-Priority: realtime``; throughput,
-   p50/p95/p99 overall and per priority, errors by code, the batches the server ran, the worker's busy fraction
-   (``vitedge_worker_busy_seconds_total`` over the phase) and the server's peak RSS;
+2. **saturation**: ``--concurrency`` closed-loop clients (default 2x the batch the server chose, so a full
+   next batch is always waiting), every ``1/realtime_share``-th request (default 10 %) ``X-Priority:
+   realtime``; throughput, p50/p95/p99 overall and per priority, errors by code, the batches the server ran,
+   the worker's busy fraction (``vitedge_worker_busy_seconds_total`` over the phase), the server's peak RSS;
 3. **overload** (``--overload``): open-loop arrivals at ``--overload-factor`` (2x) the measured capacity
-   against the same server, whose queue per priority is bounded (``--queue``, default the saturation
-   concurrency, so what is admitted waits about as long as at capacity): 429s with Retry-After, admitted
-   p99 against the at-capacity p99, RSS and queue depth sampled through the run;
+   against the same model and batch restarted with its queue per priority bounded (``--queue``, default one
+   batch, so what is admitted waits for about as many batches as at capacity): 429s with Retry-After,
+   admitted p99 against the at-capacity p99, RSS and queue depth sampled through the run;
 4. **cache** (``--repeat K``): a second server with ``--cache memory``; K distinct images each sent twice,
    end-to-end latency of the miss and of the hit.
 
@@ -345,7 +346,9 @@ def main() -> None:
     ap.add_argument("--realtime-share", type=float, default=0.1)
     ap.add_argument("--serial", type=int, default=30, help="requests of the unloaded phase")
     ap.add_argument("--max-batch", default="auto")
-    ap.add_argument("--queue", type=int, default=None, help="the server's queue per priority (default: C)")
+    ap.add_argument(
+        "--queue", type=int, default=None, help="overload: queue per priority (default: the batch)"
+    )
     ap.add_argument("--overload", action="store_true")
     ap.add_argument("--overload-requests", type=int, default=2000)
     ap.add_argument("--overload-factor", type=float, default=2.0)
@@ -362,36 +365,24 @@ def main() -> None:
     out["route"] = args.route
 
     if args.requests > 0:
-        queue = args.queue
-        if queue is None:  # known only once the server has chosen its batch: start, read, restart if needed
-            queue = 256
-        extra = ["--cache", "none", "--max-batch", str(args.max_batch), "--queue", str(queue)]
-        extra += ["--threads", str(args.threads)]
+        extra = ["--cache", "none", "--max-batch", str(args.max_batch), "--threads", str(args.threads)]
         server = Server(args.model, args.opt, extra) if args.url is None else None
         url = server.url if server else args.url
-        ready = (
-            server.ready
-            if server
-            else {"batcher": {"max_batch": int(httpx.get(f"{url}/readyz").json()["max_batch"])}}
-        )
+        if server is not None:
+            ready = server.ready
+        else:
+            ready = {"batcher": {"max_batch": int(httpx.get(f"{url}/readyz").json()["max_batch"])}}
         batch = int(ready["batcher"]["max_batch"])
         concurrency = 2 * batch if args.concurrency == "auto" else int(args.concurrency)
-        if server is not None and args.queue is None and args.overload:
-            server.stop()  # the overload run needs the queue bound at the saturation concurrency
-            extra[extra.index("--queue") + 1] = str(concurrency)
-            server = Server(args.model, args.opt, extra)
-            url = server.url
-            batch = int(server.ready["batcher"]["max_batch"])
         out["startup_s"] = server.start_s if server else None
         out["max_batch"] = batch
         out["sweep"] = ready["batcher"].get("sweep")
         out["concurrency"] = concurrency
         out["saturated"] = concurrency >= 2 * batch
-        log(
-            f"server at {url}: batch {batch}, {concurrency} clients ({'' if out['saturated'] else 'NOT '}saturating)"
-        )
+        state = "saturating" if out["saturated"] else "NOT saturating"
+        log(f"server at {url}: batch {batch}, {concurrency} clients ({state})")
 
-        warm = serial(url, args.route, bodies[-5:], 5)  # noqa: F841  (first requests page code in)
+        serial(url, args.route, bodies[-5:], 5)  # the first requests page code in
         times = serial(url, args.route, bodies, args.serial)
         out["serial_images_per_s"] = len(times) / sum(times)
         out["unloaded_p50_ms"] = float(np.median(times)) * 1e3
@@ -422,6 +413,13 @@ def main() -> None:
         log(f"saturation: {summary['served_images_per_s']:.1f} img/s, p95 {summary['p95_ms']:.0f} ms")
 
         if args.overload and server is not None:
+            # the same model and batch, its queue per priority bounded (default: one batch) so that what is
+            # admitted waits for about as many batches as at capacity
+            out["exit_code"] = server.stop()
+            queue = args.queue or batch
+            pinned = ["--cache", "none", "--max-batch", str(batch), "--queue", str(queue)]
+            server = Server(args.model, args.opt, [*pinned, "--threads", str(args.threads)])
+            serial(server.url, args.route, bodies[-5:], 5)
             capacity = summary["served_images_per_s"]
             rate = args.overload_factor * capacity
             log(f"overload: {args.overload_requests} requests at {rate:.0f}/s (capacity {capacity:.0f}/s)")
@@ -440,7 +438,7 @@ def main() -> None:
             third = max(1, len(rss) // 3)
             o.update(
                 rate_per_s=rate,
-                queue_bound=concurrency,
+                queue_bound=queue,
                 p99_over_capacity_p99=(o["p99_ms"] / summary["p99_ms"]) if o["p99_ms"] else None,
                 rss_first_third_bytes=int(np.median(rss[:third])) if rss else None,
                 rss_last_third_bytes=int(np.median(rss[-third:])) if rss else None,

@@ -181,6 +181,20 @@ def test_latency_is_modelled_per_bucket_and_retry_after_grows_with_the_queue() -
     assert e.value.retry_after == pytest.approx(4.0)  # two batches of 4 ahead, 2 s each
 
 
+def test_with_realtime_traffic_about_batches_fit_the_realtime_wait() -> None:
+    b, clock = make(max_batch=16, max_wait_ms=0, realtime_max_batch=2, realtime_wait_ms=100)
+    for n, seconds in ((1, 0.030), (16, 0.330)):  # 10 ms + 20 ms per image
+        b.latency_of(224).observe(n, seconds)
+    assert b.cap(224) == 16  # no realtime traffic yet
+    b.submit(req("rt", priority="realtime"))
+    assert b.cap(224) == 2 and [r.key for r in b.next_batch()] == ["rt"]
+    for i in range(16):
+        b.submit(req(f"n{i}"))
+    assert b.cap(224) == 4 and len(b.next_batch()) == 4  # 4 images: 90 ms, within 100
+    clock.advance(2001)  # realtime traffic is no longer about: full batches again
+    assert b.cap(224) == 16 and len(b.next_batch()) == 12
+
+
 def test_latency_model_fits_fixed_and_per_image_cost() -> None:
     m = LatencyModel()
     assert m.predict(4) is None

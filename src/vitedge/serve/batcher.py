@@ -14,9 +14,11 @@ Policy:
   best-ranked waiting request (ties: the oldest), and the batch is filled from that bucket in the same order.
 - **When a batch closes.** When ``max_batch`` requests of the bucket wait, or the oldest has waited
   ``max_wait_ms``, or a realtime request waits (it does not wait for company).
-- **Bounding a realtime request's wait.** A running batch is never interrupted, so while realtime work is
+- **Bounding a realtime request's wait.** A running batch is never interrupted. So while realtime work is
   queued the batch cap drops to ``realtime_max_batch``, and a batch led by realtime work holds realtime work
-  only: a realtime request waits for at most the rest of the running batch and then its own short batch.
+  only; and while realtime traffic is about (a realtime request in the last 2 s), every batch is capped at
+  the largest predicted to run within ``realtime_wait_ms`` (default 250 ms). A realtime request then waits
+  for at most the rest of one such batch and its own short batch.
 - **Deadlines.** Each request has one (its own or ``deadline_ms``). With a latency model (per-batch latency
   measured by the worker, :class:`LatencyModel`), the batch is the largest that still completes before the
   earliest deadline in it; requests whose deadline has passed before they start are dropped (the service
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PRIORITIES = ("realtime", "normal", "bulk")
+REALTIME_MEMORY_S = 2.0  # realtime traffic counts as "about" this long after a realtime request arrived
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +59,7 @@ class BatcherConfig:
     aging_ms: float = 2000.0
     realtime_max_batch: int = 4
     latency_target_ms: float | None = None  # move the batch cap towards this per-batch latency
+    realtime_wait_ms: float | None = 250.0  # with realtime traffic about: cap batches to run within this
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.realtime_max_batch < 1 or self.queue_size < 1:
@@ -63,6 +67,8 @@ class BatcherConfig:
                 "max_batch, realtime_max_batch and queue_size must be >= 1, got "
                 f"{self.max_batch}, {self.realtime_max_batch} and {self.queue_size}"
             )
+        if self.realtime_wait_ms is not None and self.realtime_wait_ms <= 0:
+            raise ValueError(f"realtime_wait_ms must be > 0, got {self.realtime_wait_ms}")
         if self.latency_target_ms is not None and self.latency_target_ms <= 0:
             raise ValueError(f"latency_target_ms must be > 0, got {self.latency_target_ms}")
         if self.max_wait_ms < 0 or self.deadline_ms <= 0 or self.aging_ms <= 0:
@@ -138,6 +144,7 @@ class Batcher:
         self.config = config or BatcherConfig()
         self.clock = clock
         self.max_batch = self.config.max_batch  # the cap in force (see resize and latency_target_ms)
+        self.last_realtime: float | None = None  # arrival of the latest realtime request
         self.latency: dict[Any, LatencyModel] = {}  # per bucket
         self.queues: dict[str, list[Request]] = {p: [] for p in PRIORITIES}
         self.in_flight: dict[str, Request] = {}  # key -> the request computing it (queued or running)
@@ -153,6 +160,8 @@ class Batcher:
         """
         now = self.clock()
         request.arrival = now
+        if request.priority == "realtime":
+            self.last_realtime = now
         if request.deadline is None:
             request.deadline = now + self.config.deadline_ms / 1e3
         leader = self.in_flight.get(request.key)
@@ -234,11 +243,20 @@ class Batcher:
         everyone = [r for q in self.queues.values() for r in q]
         return sorted(everyone, key=lambda r: (self.rank(r, now), r.arrival))
 
-    def cap(self) -> int:
-        """The batch size limit now: ``realtime_max_batch`` while realtime work is queued."""
+    def cap(self, bucket: Any = None) -> int:
+        """The batch size limit now: ``realtime_max_batch`` while realtime work is queued; while realtime work
+        has arrived in the last ``REALTIME_MEMORY_S`` seconds, the largest batch of ``bucket`` predicted to
+        run within ``realtime_wait_ms`` (a realtime request that arrives next waits behind at most that);
+        else ``max_batch``."""
         if self.queues["realtime"]:
             return min(self.max_batch, self.config.realtime_max_batch)
-        return self.max_batch
+        wait = self.config.realtime_wait_ms
+        recent = self.last_realtime is not None and self.clock() - self.last_realtime < REALTIME_MEMORY_S
+        if wait is None or not recent or bucket is None:
+            return self.max_batch
+        model = self.latency_of(bucket)
+        fits = [n for n in range(1, self.max_batch + 1) if (model.predict(n) or 0.0) <= wait / 1e3]
+        return max([self.config.realtime_max_batch, *fits]) if fits else self.config.realtime_max_batch
 
     def wait_time(self) -> float | None:
         """Seconds until a batch is due (0: now), or None when nothing is queued."""
@@ -248,7 +266,7 @@ class Batcher:
             return None
         head = order[0]
         same = [r for r in order if r.bucket == head.bucket]
-        if len(same) >= self.cap() or head.priority == "realtime" or self.queues["realtime"]:
+        if len(same) >= self.cap(head.bucket) or head.priority == "realtime" or self.queues["realtime"]:
             return 0.0
         oldest = min(r.arrival for r in same)
         return max(0.0, oldest + self.config.max_wait_ms / 1e3 - now)
@@ -263,7 +281,7 @@ class Batcher:
         batch = [r for r in order if r.bucket == head.bucket]
         if head.priority == "realtime":  # not padded with lower priorities: they would only make it slower
             batch = [r for r in batch if r.priority == "realtime"]
-        batch = batch[: self.cap()]
+        batch = batch[: self.cap(head.bucket)]
         batch = self._fit_deadlines(batch, now)
         for r in batch:
             self.queues[r.priority].remove(r)
