@@ -64,7 +64,7 @@ def test_realtime_goes_first_with_a_smaller_batch_and_aging_prevents_starvation(
     b.submit(req("rt0", priority="realtime"))
     b.submit(req("rt1", priority="realtime"))
     b.submit(req("rt2", priority="realtime"))
-    assert b.cap() == 2 and b.wait_time() == 0.0  # realtime does not wait for company
+    assert b.cap(realtime_led=True) == 2 and b.wait_time() == 0.0  # realtime does not wait for company
     assert [r.key for r in b.next_batch()] == ["rt0", "rt1"]
     assert [r.key for r in b.next_batch()] == ["rt2"]  # a realtime batch is not padded with bulk work
     clock.advance(150)  # bulk has waited 151 ms: 1.5 levels, not yet ahead of fresh realtime work
@@ -74,7 +74,8 @@ def test_realtime_goes_first_with_a_smaller_batch_and_aging_prevents_starvation(
     clock.advance(100)  # 251 ms: two levels and more ahead of a realtime request that just came
     b.submit(req("rt4", priority="realtime"))
     assert b.rank(b.queues["bulk"][0], clock()) < b.rank(b.queues["realtime"][0], clock())
-    assert [r.key for r in b.next_batch()] == ["bulk0", "bulk1"]  # aged bulk runs before fresh realtime
+    batch = [r.key for r in b.next_batch()]  # aged bulk runs before fresh realtime (which may fill it)
+    assert batch[:6] == [f"bulk{i}" for i in range(6)]
 
 
 def test_a_full_queue_refuses_with_retry_after() -> None:
@@ -187,7 +188,7 @@ def test_with_realtime_traffic_about_batches_fit_the_realtime_wait() -> None:
         b.latency_of(224).observe(n, seconds)
     assert b.cap(224) == 16  # no realtime traffic yet
     b.submit(req("rt", priority="realtime"))
-    assert b.cap(224) == 2 and [r.key for r in b.next_batch()] == ["rt"]
+    assert b.cap(224, realtime_led=True) == 2 and [r.key for r in b.next_batch()] == ["rt"]
     for i in range(16):
         b.submit(req(f"n{i}"))
     assert b.cap(224) == 4 and len(b.next_batch()) == 4  # 4 images: 90 ms, within 100

@@ -14,11 +14,11 @@ Policy:
   best-ranked waiting request (ties: the oldest), and the batch is filled from that bucket in the same order.
 - **When a batch closes.** When ``max_batch`` requests of the bucket wait, or the oldest has waited
   ``max_wait_ms``, or a realtime request waits (it does not wait for company).
-- **Bounding a realtime request's wait.** A running batch is never interrupted. So while realtime work is
-  queued the batch cap drops to ``realtime_max_batch``, and a batch led by realtime work holds realtime work
-  only; and while realtime traffic is about (a realtime request in the last 2 s), every batch is capped at
-  the largest predicted to run within ``realtime_wait_ms`` (default 250 ms). A realtime request then waits
-  for at most the rest of one such batch and its own short batch.
+- **Bounding a realtime request's wait.** A running batch is never interrupted. So a batch led by realtime
+  work holds realtime work only, at most ``realtime_max_batch``; and while realtime traffic is about (a
+  realtime request in the last 2 s), every other batch is capped at the largest predicted to run within
+  ``realtime_wait_ms`` (default 250 ms). A realtime request then waits for at most the rest of one such
+  batch and its own short batch.
 - **Deadlines.** Each request has one (its own or ``deadline_ms``). With a latency model (per-batch latency
   measured by the worker, :class:`LatencyModel`), the batch is the largest that still completes before the
   earliest deadline in it; requests whose deadline has passed before they start are dropped (the service
@@ -243,12 +243,13 @@ class Batcher:
         everyone = [r for q in self.queues.values() for r in q]
         return sorted(everyone, key=lambda r: (self.rank(r, now), r.arrival))
 
-    def cap(self, bucket: Any = None) -> int:
-        """The batch size limit now: ``realtime_max_batch`` while realtime work is queued; while realtime work
-        has arrived in the last ``REALTIME_MEMORY_S`` seconds, the largest batch of ``bucket`` predicted to
-        run within ``realtime_wait_ms`` (a realtime request that arrives next waits behind at most that);
-        else ``max_batch``."""
-        if self.queues["realtime"]:
+    def cap(self, bucket: Any = None, *, realtime_led: bool = False) -> int:
+        """The batch size limit now: ``realtime_max_batch`` for a batch led by realtime work; while realtime
+        work has arrived in the last ``REALTIME_MEMORY_S`` seconds, the largest batch of ``bucket`` predicted
+        to run within ``realtime_wait_ms`` (a realtime request that arrives next waits behind at most that);
+        else ``max_batch``. (Capping every batch while realtime work is queued would starve throughput: aged
+        normal work that outranks queued realtime work would then run in realtime-sized batches.)"""
+        if realtime_led:
             return min(self.max_batch, self.config.realtime_max_batch)
         wait = self.config.realtime_wait_ms
         recent = self.last_realtime is not None and self.clock() - self.last_realtime < REALTIME_MEMORY_S
@@ -256,7 +257,7 @@ class Batcher:
             return self.max_batch
         model = self.latency_of(bucket)
         fits = [n for n in range(1, self.max_batch + 1) if (model.predict(n) or 0.0) <= wait / 1e3]
-        return max([self.config.realtime_max_batch, *fits]) if fits else self.config.realtime_max_batch
+        return max([min(self.max_batch, self.config.realtime_max_batch), *fits])
 
     def wait_time(self) -> float | None:
         """Seconds until a batch is due (0: now), or None when nothing is queued."""
@@ -266,7 +267,12 @@ class Batcher:
             return None
         head = order[0]
         same = [r for r in order if r.bucket == head.bucket]
-        if len(same) >= self.cap(head.bucket) or head.priority == "realtime" or self.queues["realtime"]:
+        led = head.priority == "realtime"
+        if (
+            len(same) >= self.cap(head.bucket, realtime_led=led)
+            or head.priority == "realtime"
+            or self.queues["realtime"]
+        ):
             return 0.0
         oldest = min(r.arrival for r in same)
         return max(0.0, oldest + self.config.max_wait_ms / 1e3 - now)
@@ -281,7 +287,7 @@ class Batcher:
         batch = [r for r in order if r.bucket == head.bucket]
         if head.priority == "realtime":  # not padded with lower priorities: they would only make it slower
             batch = [r for r in batch if r.priority == "realtime"]
-        batch = batch[: self.cap(head.bucket)]
+        batch = batch[: self.cap(head.bucket, realtime_led=head.priority == "realtime")]
         batch = self._fit_deadlines(batch, now)
         for r in batch:
             self.queues[r.priority].remove(r)
