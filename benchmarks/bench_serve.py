@@ -48,6 +48,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vitedge.paths import data_root
 
+IN_FLIGHT = 256  # the open-loop generator's open requests at most
+
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -235,8 +237,19 @@ def open_loop(
 
     async def run() -> Load:
         load = Load()
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        # at most IN_FLIGHT requests open at once (httpx's pool slows down badly with thousands waiting);
+        # an arrival that finds them all busy waits for a slot, and its latency still counts from when it
+        # was due, so a client-side backlog shows up in the figures rather than hiding
+        slots = asyncio.Semaphore(IN_FLIGHT)
+        limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+
+            async def one(i: int, due: float) -> None:
+                async with slots:
+                    r = await _post(client, route, bodies[i % len(bodies)], priority_of(i, share))
+                r.seconds = time.perf_counter() - due
+                load.results.append(r)
+
             start = time.perf_counter()
             tasks = []
             for i in range(requests):
@@ -246,10 +259,7 @@ def open_loop(
                     break
                 if due > now:
                     await asyncio.sleep(due - now)
-                body = bodies[i % len(bodies)]
-                task = asyncio.ensure_future(_post(client, route, body, priority_of(i, share)))
-                task.add_done_callback(lambda t: load.results.append(t.result()))
-                tasks.append(task)
+                tasks.append(asyncio.ensure_future(one(i, due)))
             await asyncio.gather(*tasks)
             load.wall_s = time.perf_counter() - start
         return load
