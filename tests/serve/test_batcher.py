@@ -196,6 +196,17 @@ def test_with_realtime_traffic_about_batches_fit_the_realtime_wait() -> None:
     assert b.cap(224) == 16 and len(b.next_batch()) == 12
 
 
+def test_with_realtime_traffic_about_batches_take_at_most_half_a_full_batch() -> None:
+    """A generous realtime_wait_ms does not let the running batch take a full batch's time: a realtime
+    request would then wait as long as the normal work it is meant to overtake."""
+    b, _ = make(max_batch=16, max_wait_ms=0, realtime_max_batch=2, realtime_wait_ms=1000)
+    for n, seconds in ((1, 0.030), (16, 0.330)):  # 10 ms + 20 ms per image; a full batch: 330 ms
+        b.latency_of(224).observe(n, seconds)
+    b.submit(req("rt", priority="realtime"))
+    b.next_batch()
+    assert b.cap(224) == 7  # 7 images: 150 ms <= 165 ms; 8 would take 170
+
+
 def test_latency_model_fits_fixed_and_per_image_cost() -> None:
     m = LatencyModel()
     assert m.predict(4) is None

@@ -246,7 +246,8 @@ class Batcher:
     def cap(self, bucket: Any = None, *, realtime_led: bool = False) -> int:
         """The batch size limit now: ``realtime_max_batch`` for a batch led by realtime work; while realtime
         work has arrived in the last ``REALTIME_MEMORY_S`` seconds, the largest batch of ``bucket`` predicted
-        to run within ``realtime_wait_ms`` (a realtime request that arrives next waits behind at most that);
+        to run within ``realtime_wait_ms`` and within half the time of a full batch (a realtime request that
+        arrives next waits behind at most that);
         else ``max_batch``. (Capping every batch while realtime work is queued would starve throughput: aged
         normal work that outranks queued realtime work would then run in realtime-sized batches.)"""
         if realtime_led:
@@ -256,7 +257,11 @@ class Batcher:
         if wait is None or not recent or bucket is None:
             return self.max_batch
         model = self.latency_of(bucket)
-        fits = [n for n in range(1, self.max_batch + 1) if (model.predict(n) or 0.0) <= wait / 1e3]
+        full = model.predict(self.max_batch)
+        # a realtime request arriving now waits behind the running batch: at most realtime_wait_ms, and at
+        # most half a full batch's time, so it overtakes normal work by more than the batch it waits for
+        limit = min(wait / 1e3, full / 2) if full else wait / 1e3
+        fits = [n for n in range(1, self.max_batch + 1) if (model.predict(n) or 0.0) <= limit]
         return max([min(self.max_batch, self.config.realtime_max_batch), *fits])
 
     def wait_time(self) -> float | None:
