@@ -15,6 +15,7 @@ W=src/vitedge/models/weights
 SOFT_VIT="--teacher cifar-vit --kd-weight 1 --ce-weight 1 --temperature 2 --lr 1e-4"
 SOFT_SWIN="--teacher cifar-swin --kd-weight 1 --ce-weight 1 --temperature 2 --lr 2e-4"
 HARD="--teacher cifar-resnet --hard-distill --ce-weight 0.5 --hard-weight 0.5 --label-smoothing 0.1 --lr 1e-4"
+SOFT_VIT_CPU="--teacher cifar-vit --kd-weight 1 --ce-weight 1 --temperature 2 --batch 128 --lr 1e-4 --warmup-epochs 0.1 --augment trivial --epochs 2 --max-minutes 22 --bf16 --seed 1 --eval-limit 2000"
 GPU="--batch 256 --epochs 40 --max-minutes 5.3 --bf16 --device cuda --augment trivial"
 
 declare -A RECIPES=(
@@ -28,6 +29,10 @@ declare -A RECIPES=(
   [vit-prune65-soft]="cifar-vit --init $W/cifar-vit.safetensors -O prune:keep=0.65,fuse=nearest,schedule=every,start=1,scorer=attn-value $SOFT_VIT $GPU"
   [vit-prune65-hard]="cifar-vit --init $W/cifar-vit.safetensors -O prune:keep=0.65,fuse=nearest,schedule=every,start=1,scorer=attn-value $HARD $GPU"
   [vit-control-hard]="cifar-vit --init $W/cifar-vit.safetensors $HARD $GPU"
+  # docs/attention.md: cifar-vit with its attention replaced, distilled from the unmodified model (CPU)
+  [vit-performer-cpu]="cifar-vit --init $W/cifar-vit.safetensors -O linear:features=64 $SOFT_VIT_CPU"
+  [vit-elu-cpu]="cifar-vit --init $W/cifar-vit.safetensors -O linear:kind=elu $SOFT_VIT_CPU"
+  [vit-linformer-cpu]="cifar-vit --init $W/cifar-vit.safetensors -O linformer:k=16 $SOFT_VIT_CPU"
   # the cifar-swin fine-tunes in docs/tokens.md (12 epochs; then named merge:r=N, now window_merge)
   [swin-merge8-soft]="cifar-swin --init $W/cifar-swin.safetensors -O window_merge:r=8 $SOFT_SWIN --batch 256 --epochs 40 --max-minutes 5.3 --bf16 --device cuda"
   [swin-merge10-soft]="cifar-swin --init $W/cifar-swin.safetensors -O window_merge:r=10 $SOFT_SWIN --batch 256 --epochs 40 --max-minutes 5.3 --bf16 --device cuda"

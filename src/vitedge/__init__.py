@@ -58,6 +58,10 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "WindowMergeConfig": ("vitedge.tokens.window_merge", "WindowMergeConfig"),
     "WindowPruneConfig": ("vitedge.tokens.windows", "WindowPruneConfig"),
     "Int8AttnConfig": ("vitedge.attention.int8", "Int8AttnConfig"),
+    "LinearAttnConfig": ("vitedge.attention.linear", "LinearAttnConfig"),
+    "LinformerConfig": ("vitedge.attention.linformer", "LinformerConfig"),
+    "WindowAttnConfig": ("vitedge.attention.window", "WindowAttnConfig"),
+    "WinKernelConfig": ("vitedge.attention.winkernel", "WinKernelConfig"),
     "CompileConfig": ("vitedge.runtime.compile", "CompileConfig"),
 }
 
@@ -72,12 +76,16 @@ __all__ = [
     "Int8AttnConfig",
     "Int8Config",
     "Int8WeightOnlyConfig",
+    "LinearAttnConfig",
+    "LinformerConfig",
     "MergeConfig",
     "MixedConfig",
     "PruneConfig",
     "SparseConfig",
     "StructuredConfig",
     "Trace",
+    "WinKernelConfig",
+    "WindowAttnConfig",
     "WindowMergeConfig",
     "WindowPruneConfig",
     "__version__",
@@ -112,6 +120,10 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use
     from vitedge.api import Composition, describe, optimize_, technique_names
     from vitedge.attention.int8 import Int8AttnConfig
+    from vitedge.attention.linear import LinearAttnConfig
+    from vitedge.attention.linformer import LinformerConfig
+    from vitedge.attention.window import WindowAttnConfig
+    from vitedge.attention.winkernel import WinKernelConfig
     from vitedge.cache.encode import encode
     from vitedge.compress.bf16 import Bf16Config
     from vitedge.compress.mixed import MixedConfig

@@ -49,12 +49,14 @@ class Composition:
             ``int8``: it prunes float layers). Given after one of them, this technique is refused.
         last: it must be the last option of a stack (``compile``).
         not_after: ``-O`` names it can never follow, whatever the order of the rest -> why.
+        excludes: ``-O`` names it never stacks with, in either order -> why.
     """
 
     fills: frozenset[str] = frozenset()
     after: Mapping[str, str] = field(default_factory=dict)
     last: bool = False
     not_after: Mapping[str, str] = field(default_factory=dict)
+    excludes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from vitedge.plan import STEP_SLOTS
@@ -92,6 +94,10 @@ _TECHNIQUE_MODULES = (
     "vitedge.tokens.windows",
     "vitedge.tokens.window_merge",
     "vitedge.attention.int8",
+    "vitedge.attention.linear",
+    "vitedge.attention.linformer",
+    "vitedge.attention.window",
+    "vitedge.attention.winkernel",
     "vitedge.runtime.compile",
 )
 _loaded = False
@@ -231,7 +237,11 @@ def check_stack(configs: Sequence[Config], *, applied: Sequence[Config] = ()) ->
             reason = this.compose.after.get(earlier.name)
             if reason:
                 raise ValueError(f"-O {b} cannot follow -O {a}: {reason}; put -O {b} before -O {a}")
-            reason = this.compose.not_after.get(earlier.name)
+            reason = (
+                this.compose.not_after.get(earlier.name)
+                or this.compose.excludes.get(earlier.name)
+                or earlier.compose.excludes.get(this.name)
+            )
             if reason:
                 raise ValueError(f"-O {b} cannot follow -O {a}: {reason}; drop one of them")
             shared = sorted(this.compose.fills & earlier.compose.fills)

@@ -61,7 +61,9 @@ STEP_SLOTS = BLOCK_SLOTS + MODEL_SLOTS  # what a technique's Composition may say
 
 
 class AttentionStep(Protocol):
-    """Replaces the attention product of one block (q, k, v -> output), called like SDPA."""
+    """Replaces the attention product of one block (q, k, v -> output), called like SDPA. A step whose
+    kernel uses model parameters (linformer's projections) also has ``bind(encoder)``, which returns the
+    kernel bound to them for one forward, so the plan itself holds no model state."""
 
     label: str
 

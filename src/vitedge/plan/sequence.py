@@ -183,8 +183,13 @@ def run_sequence(
 def _run_steps(
     encoder: SequenceEncoder, view: BlockView, steps: BlockPlan, state: TokenState, trace: Trace | None
 ) -> TokenState:
+    kernel = steps.attention
+    bind = getattr(kernel, "bind", None)
+    if bind is not None:  # a step with model parameters (linformer's projections) takes them now
+        kernel = bind(encoder)
+
     def block(st: TokenState) -> TokenState:
-        return run_block(encoder, view, st, steps.reducer, steps.attention)
+        return run_block(encoder, view, st, steps.reducer, kernel)
 
     state = block(state) if steps.gate is None else steps.gate(encoder, state, block)
     if steps.exit is not None:

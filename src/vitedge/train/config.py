@@ -77,7 +77,17 @@ class DistillConfig:
             )
 
 
-TRAINABLE_TECHNIQUES = ("structured", "merge", "prune", "window_merge", "window_prune")
+TRAINABLE_TECHNIQUES = (
+    "structured",
+    "merge",
+    "prune",
+    "window_merge",
+    "window_prune",
+    "linear",
+    "linformer",
+    "window",
+    "winkernel",
+)
 
 
 def trainable_options(options: tuple[str, ...]) -> list[Any]:
