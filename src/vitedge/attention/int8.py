@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from vitedge.api import Composition, register
-from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.models.base import Encoder
 from vitedge.plan import PlanBuilder
 
 GRANULARITIES = ("token", "head")
@@ -174,15 +174,6 @@ def int8attn_steps(model: Encoder, config: Int8AttnConfig, plan: PlanBuilder) ->
 
 @register("int8attn", steps=int8attn_steps, compose=Composition(fills=frozenset({"attention"})))
 def _apply_int8attn(model: Encoder, config: Int8AttnConfig) -> None:
-    if not isinstance(model, SequenceEncoder):
-        raise ValueError(
-            "int8attn needs a single-sequence encoder (ViT, DeiT, CLIP, SigLIP, ViT4MNIST); "
-            f"{model.model_id} is a {model.info.family} model (Swin's windowed attention with its "
-            "relative-position bias and shifted-window masks runs inside timm's blocks, which vitedge's "
-            "attention loop does not replace)"
-        )
-    if any(v.attn.rope for v in model.blocks):
-        raise ValueError(
-            f"int8attn cannot run on {model.model_id}: its rotary position embeddings (EVA) are applied "
-            "inside timm's attention, which vitedge's attention loop does not reproduce"
-        )
+    from vitedge.attention.linear import check_sequence
+
+    check_sequence(model, "int8attn")

@@ -256,8 +256,9 @@ def check_sequence(model: Encoder, name: str) -> None:
     if not isinstance(model, SequenceEncoder):
         raise ValueError(
             f"{name} needs a single-sequence encoder (ViT, DeiT, CLIP, SigLIP, ViT4MNIST); "
-            f"{model.model_id} is a {model.info.family} model, whose windowed attention runs inside timm's "
-            "blocks (its window kernel is -O winkernel)"
+            f"{model.model_id} is a {model.info.family} model (Swin's windowed attention, with its "
+            "relative-position bias and shifted-window masks, runs inside timm's blocks; its window kernel "
+            "is -O winkernel)"
         )
     if any(v.attn.rope for v in model.blocks):
         raise ValueError(
