@@ -100,7 +100,7 @@ def make_op(method: str, n: int, args: argparse.Namespace) -> Any:
     raise ValueError(method)
 
 
-def runs(method: str, n: int, args: argparse.Namespace) -> bool:
+def runs(method: str, n: int) -> bool:
     return not (method == "int8" and n > INT8_MAX_TOKENS)
 
 
@@ -285,7 +285,7 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     for n in tokens:
-        cases = [m for m in methods if runs(m, n, args)]
+        cases = [m for m in methods if runs(m, n)]
         ops = {m: make_op(m, n, args) for m in cases}
         for m in cases:  # warm-up: first calls set up kernels and threads
             time_once(ops[m], min(n, 1024) if m in ("sdpa", "unfused", "int8") else n, 1)

@@ -254,7 +254,6 @@ def serve(
     from vitedge.serve.auth import KeyRing, check_bind
     from vitedge.serve.batcher import BatcherConfig
 
-    limit_malloc_arenas(MALLOC_ARENAS)
     auto = max_batch == "auto"
     if not auto and not (max_batch.isdigit() and int(max_batch) >= 1):
         raise ValueError(f"--max-batch takes a positive integer or auto, got {max_batch!r}")
@@ -311,24 +310,6 @@ def serve(
     app_ = create_app(encoders, config, on_ready=announce)
     server = _draining_server()(uvicorn.Config(app_, log_level="warning", timeout_graceful_shutdown=30))
     server.run(sockets=[sock])
-
-
-MALLOC_ARENAS = 2  # glibc's default is 8 per core: every request thread that decodes an image gets its own
-
-
-def limit_malloc_arenas(count: int) -> bool:
-    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``), as ``MALLOC_ARENA_MAX`` would. Request threads
-    decode images of varying size; with an arena each, freed memory stays spread over many heaps and the
-    server's RSS creeps up under sustained load. False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(-8, count))  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        return False
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

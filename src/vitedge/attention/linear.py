@@ -42,6 +42,7 @@ from vitedge.models.base import Encoder, SequenceEncoder
 from vitedge.plan import PlanBuilder
 
 KINDS = ("performer", "elu", "relu")
+TOKEN_REDUCERS = ("merge", "prune", "adaptive")  # -O names that change the token count between blocks
 EPS = 1e-4  # added to Performer's features (as performer-pytorch does) and to ReLU's
 DENOM_MIN = 1e-6  # floor of the normaliser phi(q)^T z
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitedge.api import Composition, register
-from vitedge.attention.linear import check_sequence
+from vitedge.attention.linear import TOKEN_REDUCERS, check_sequence
 from vitedge.models.base import Encoder, SequenceEncoder
 from vitedge.plan import PlanBuilder
 
@@ -154,10 +154,10 @@ def linformer_steps(model: Encoder, config: LinformerConfig, plan: PlanBuilder) 
     steps=linformer_steps,
     compose=Composition(
         fills=frozenset({"attention"}),
-        excludes={
-            name: "linformer's projections are learned over the full patch grid, which token reduction breaks"
-            for name in ("merge", "prune", "adaptive")
-        },
+        excludes=dict.fromkeys(
+            TOKEN_REDUCERS,
+            "linformer's projections are learned over the full patch grid, which token reduction breaks",
+        ),
     ),
 )
 def _apply_linformer(model: Encoder, config: LinformerConfig) -> None:

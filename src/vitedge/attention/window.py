@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from vitedge.api import Composition, register
 from vitedge.attention.batched import attention
-from vitedge.attention.linear import check_sequence
+from vitedge.attention.linear import TOKEN_REDUCERS, check_sequence
 from vitedge.models.base import Encoder, SequenceEncoder
 from vitedge.plan import PlanBuilder
 
@@ -145,10 +145,9 @@ def window_steps(model: Encoder, config: WindowAttnConfig, plan: PlanBuilder) ->
     steps=window_steps,
     compose=Composition(
         fills=frozenset({"attention"}),
-        excludes={
-            name: "windows need the full patch grid, which token reduction breaks"
-            for name in ("merge", "prune", "adaptive")
-        },
+        excludes=dict.fromkeys(
+            TOKEN_REDUCERS, "windows need the full patch grid, which token reduction breaks"
+        ),
     ),
 )
 def _apply_window(model: Encoder, config: WindowAttnConfig) -> None:

@@ -29,7 +29,7 @@ from vitedge.attention.batched import BMM_MAX_TOKENS, softmax_rows
 from vitedge.models.base import Encoder, Trace
 from vitedge.plan import PlanBuilder
 from vitedge.plan.sequence import split_heads
-from vitedge.tokens.windows import check_swin, window_partition, window_reverse
+from vitedge.tokens.windows import check_swin, shifted_windows, unshifted_windows
 
 KERNELS = ("auto", "bmm", "sdpa")
 
@@ -69,14 +69,7 @@ def window_bmm_attention(
 def swin_block(parts: Any, x: torch.Tensor, kernel: str) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
     """One Swin block (every window) with window attention by ``kernel`` (``bmm`` or ``sdpa``)."""
     b, h, w, c = x.shape
-    wh, ww = parts.window
-    sh, sw = parts.shift
-    hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
-    y = parts.norm1(x)
-    if sh or sw:
-        y = torch.roll(y, shifts=(-sh, -sw), dims=(1, 2))
-    y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h))
-    windows = window_partition(y, (wh, ww))  # (B, nW, N, C)
+    windows = shifted_windows(parts, x)  # (B, nW, N, C)
     n_win, n = windows.shape[1], windows.shape[2]
     q, k, v = split_heads(parts.attn, windows.reshape(b * n_win, n, c))  # (B*nW, H, N, d)
     if kernel == "bmm":
@@ -87,10 +80,7 @@ def swin_block(parts: Any, x: torch.Tensor, kernel: str) -> torch.Tensor:  # (B,
             bias = bias + parts.mask.to(q.dtype).repeat(b, 1, 1)[:, None]  # (B*nW, H, N, N)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=parts.attn.scale)
     out = parts.attn.proj(out.transpose(1, 2).reshape(b * n_win, n, -1)).view(b, n_win, n, c)
-    out = window_reverse(out, (wh, ww), (hp, wp))[:, :h, :w]
-    if sh or sw:
-        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
-    x = x + parts.drop1(out)
+    x = x + parts.drop1(unshifted_windows(parts, out, (h, w)))
     flat = x.reshape(b, h * w, c)
     flat = flat + parts.drop2(parts.mlp(parts.norm2(flat)))
     return flat.view(b, h, w, c)

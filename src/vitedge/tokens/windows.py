@@ -72,11 +72,10 @@ def kept_windows(keep: float, windows: int, min_windows: int) -> int:
     return max(1, math.ceil(keep * windows))
 
 
-def pruned_swin_block(
-    parts: Any, x: torch.Tensor, keep_windows: int, scorer: str
-) -> torch.Tensor:  # x: (B, H, W, C) -> (B, H, W, C)
-    """One Swin block computing only ``keep_windows`` windows per image; the others pass unchanged."""
-    b, h, w, c = x.shape
+def shifted_windows(parts: Any, x: torch.Tensor) -> torch.Tensor:
+    """A Swin block's attention input: norm1, the cyclic shift, padding to whole windows, partition.
+    x (B, H, W, C) -> (B, nW, wh*ww, C); :func:`unshifted_windows` is the way back."""
+    _, h, w, _ = x.shape
     wh, ww = parts.window
     sh, sw = parts.shift
     hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
@@ -84,7 +83,23 @@ def pruned_swin_block(
     if sh or sw:
         y = torch.roll(y, shifts=(-sh, -sw), dims=(1, 2))
     y = F.pad(y, (0, 0, 0, wp - w, 0, hp - h))
-    windows = window_partition(y, (wh, ww))  # (B, nW, N, C)
+    return window_partition(y, (wh, ww))
+
+
+def unshifted_windows(parts: Any, windows: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, nW, wh*ww, C) -> (B, H, W, C): reverse the partition, drop the padding, undo the shift."""
+    (h, w), (wh, ww), (sh, sw) = hw, parts.window, parts.shift
+    hp, wp = math.ceil(h / wh) * wh, math.ceil(w / ww) * ww
+    t = window_reverse(windows, (wh, ww), (hp, wp))[:, :h, :w]
+    return torch.roll(t, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else t
+
+
+def pruned_swin_block(
+    parts: Any, x: torch.Tensor, keep_windows: int, scorer: str
+) -> torch.Tensor:  # x: (B, H, W, C) -> (B, H, W, C)
+    """One Swin block computing only ``keep_windows`` windows per image; the others pass unchanged."""
+    b, h, w, c = x.shape
+    windows = shifted_windows(parts, x)  # (B, nW, N, C)
     n_win, n = windows.shape[1], windows.shape[2]
     idx = window_scores(windows, scorer).topk(keep_windows, dim=1).indices  # (B, k)
     sel = windows.gather(1, idx[..., None, None].expand(-1, -1, n, c)).reshape(b * keep_windows, n, c)
@@ -100,12 +115,8 @@ def pruned_swin_block(
     active = torch.zeros(b, n_win, n, 1, dtype=torch.bool, device=x.device)
     active.scatter_(1, idx[..., None, None].expand(-1, -1, n, 1), True)
 
-    def unwindow(t: torch.Tensor) -> torch.Tensor:
-        t = window_reverse(t, (wh, ww), (hp, wp))[:, :h, :w]
-        return torch.roll(t, shifts=(sh, sw), dims=(1, 2)) if (sh or sw) else t
-
-    x = x + parts.drop1(unwindow(full))
-    mask = unwindow(active)[..., 0]  # (B, H, W) tokens of computed windows
+    x = x + parts.drop1(unshifted_windows(parts, full, (h, w)))
+    mask = unshifted_windows(parts, active, (h, w))[..., 0]  # (B, H, W) tokens of computed windows
     flat = x.reshape(b, h * w, c)
     m = mask.reshape(b, h * w)
     delta = torch.zeros_like(flat)  # (B, H*W, C): the MLP branch, zero for skipped windows
