@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,20 @@ class SweepPoint:
 
     def to_json(self) -> dict[str, float]:
         return {"batch": self.batch, "seconds": self.seconds, "images_per_s": self.images_per_s}
+
+
+def settle(future: Future[Any], result: Any) -> None:
+    """Answer ``future`` with ``result`` (an exception is raised to its waiter). A future already cancelled
+    (its client went away while the batch ran: the event loop cancels its side, and so this one, at any
+    moment) is left alone: setting it would raise in the worker thread and end it."""
+    try:
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        if not future.cancelled():
+            raise
 
 
 class ModelWorker:
@@ -220,7 +234,7 @@ class ModelWorker:
             with self._cond:
                 for late in self.batcher.expired():
                     for r in (late, *late.followers):
-                        r.payload.future.set_exception(TimeoutError("the deadline passed before it ran"))
+                        settle(r.payload.future, TimeoutError("the deadline passed before it ran"))
                 wait = self.batcher.wait_time()
                 if wait is None and self._stop:
                     return
@@ -258,7 +272,4 @@ class ModelWorker:
             job = request.payload
             job.queued_s = max(0.0, start - request.arrival)
             job.compute_s = elapsed
-            if isinstance(result, Exception):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
+            settle(job.future, result)
