@@ -553,6 +553,8 @@ def main() -> None:
                 rss_last_third_bytes=int(np.median(rss[-third:])) if rss else None,
                 queue_depth_max=max(depth) if depth else None,
                 queue_depth_last_third_mean=float(np.mean(depth[-third:])) if depth else None,
+                # the RSS trajectory: the median of each tenth of the run, to tell growth from a plateau
+                rss_tenths_bytes=[int(np.median(part)) for part in np.array_split(rss, 10) if len(part)],
             )
             out["overload"] = o
             out["peak_rss_bytes"] = server.rss()[1]

@@ -43,6 +43,18 @@ class Job:
     queued_s: float = 0.0  # time between admission and the start of its batch
     compute_s: float = 0.0  # its batch's forward time
 
+    def answer(self, result: Any) -> None:
+        """Settle the future with ``result`` and let go of the input and of the batcher's request. The
+        request holds this job as its payload: left in place, the pair is a reference cycle that only
+        Python's rare full collection frees, and under sustained load hundreds of them (pixels and
+        features, ~200 KB each for deit-tiny) piled up between collections: RSS grew by 2 MB/s."""
+        settle(self.future, result)
+        self.release()
+
+    def release(self) -> None:
+        self.request = None
+        self.x = torch.empty(0)
+
 
 @dataclass(frozen=True, kw_only=True)
 class SweepPoint:
@@ -151,6 +163,8 @@ class ModelWorker:
         with self._cond:
             dropped = job.request is not None and self.batcher.cancel(job.request)
             self.cancelled += dropped
+        if dropped:  # nobody waits for it: the caller cancels the future
+            job.release()
         return dropped
 
     def depth(self) -> dict[str, int]:
@@ -234,7 +248,7 @@ class ModelWorker:
             with self._cond:
                 for late in self.batcher.expired():
                     for r in (late, *late.followers):
-                        settle(r.payload.future, TimeoutError("the deadline passed before it ran"))
+                        r.payload.answer(TimeoutError("the deadline passed before it ran"))
                 wait = self.batcher.wait_time()
                 if wait is None and self._stop:
                     return
@@ -272,4 +286,4 @@ class ModelWorker:
             job = request.payload
             job.queued_s = max(0.0, start - request.arrival)
             job.compute_s = elapsed
-            settle(job.future, result)
+            job.answer(result)
