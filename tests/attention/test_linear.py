@@ -214,3 +214,16 @@ def test_every_supported_model_runs_or_refuses(model_id: str) -> None:
 def test_linear_refuses_a_cnn() -> None:
     with pytest.raises(ValueError, match="single-sequence"):
         vitedge.optimize_(load("cifar-resnet"), LinearAttnConfig())
+
+
+@pytest.mark.parametrize("kind", ["performer", "elu", "relu"])
+def test_gradients_match_finite_differences(kind: str) -> None:
+    """What `vitedge train -O linear` relies on: the backward pass, through the chunked sums and their
+    rescaling by a new key maximum (chunk 3 < 7 keys), in float64."""
+    q, k, v = (t.double().requires_grad_() for t in qkv(b=1, h=2, n=7, d=4, seed=3))
+    proj = orthogonal_features(5, 4, generator=torch.Generator().manual_seed(0)).double()
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return linear_attention(q, k, v, kind=kind, proj=proj, chunk=3).double()
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from vitedge.api import Composition, register
 from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.models.spec import KernelCost, LinearOp
 from vitedge.plan import PlanBuilder
 
 KINDS = ("performer", "elu", "relu")
@@ -85,19 +86,25 @@ def orthogonal_features(m: int, d: int, *, generator: torch.Generator) -> torch.
     return w * norms[:, None]
 
 
+def _sums_dtype(x: torch.Tensor) -> torch.dtype:
+    """Feature maps and running sums: fp32, or fp64 for fp64 inputs (gradient checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def performer_exponent(
     x: torch.Tensor, proj: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W x' and |x'|^2 / 2 with x' = x * scale^(1/2): x (..., N, d), proj (m, d) -> (..., N, m) and
     (..., N, 1), fp32; the projection runs in the inputs' precision."""
     xs = x * scale**0.5
-    dash = (xs @ proj.to(x.dtype).T).float()
-    return dash, xs.float().pow(2).sum(-1, keepdim=True) / 2
+    acc = _sums_dtype(x)
+    dash = (xs @ proj.to(x.dtype).T).to(acc)
+    return dash, xs.to(acc).pow(2).sum(-1, keepdim=True) / 2
 
 
 def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The deterministic maps: (..., N, d) -> (..., N, d) fp32."""
-    xf = x.float()
+    xf = x.to(_sums_dtype(x))
     if kind == "elu":
         return F.elu(xf) + 1.0
     if kind == "relu":
@@ -116,7 +123,17 @@ def _key_bias(attn_mask: torch.Tensor | None, b: int, h: int, n: int) -> torch.T
             "linear attention takes only a bias that depends on the key (shape (B, H|1, 1, N)), got "
             f"{tuple(attn_mask.shape)}: a bias per query and key has no linear form"
         )
-    return attn_mask.float().expand(b, h, 1, n).transpose(-2, -1)  # (B, H, N, 1)
+    return attn_mask.to(_sums_dtype(attn_mask)).expand(b, h, 1, n).transpose(-2, -1)  # (B, H, N, 1)
+
+
+def _exp_features(
+    dash: torch.Tensor, half_norm: torch.Tensor, shift: torch.Tensor, grad: bool
+) -> torch.Tensor:
+    """FAVOR+'s features exp(W x' - |x'|^2 / 2 - shift) + EPS (before the m^-1/2, which cancels), written
+    over ``dash`` at inference; out of place when autograd records them (it needs exp's output)."""
+    if grad:
+        return (dash - half_norm - shift).exp() + EPS
+    return dash.sub_(half_norm).sub_(shift).exp_().add_(EPS)
 
 
 def linear_attention(
@@ -143,41 +160,89 @@ def linear_attention(
     bias = _key_bias(attn_mask, b, h, mk)
     e = v.shape[-1]
     m = proj.shape[0] if proj is not None and kind == "performer" else d
-    s = q.new_zeros(b, h, m, e, dtype=torch.float32)  # sum_j phi(k_j) v_j^T
-    z = q.new_zeros(b, h, m, 1, dtype=torch.float32)  # sum_j phi(k_j)
-    top = torch.full((b, h, 1, 1), -math.inf, dtype=torch.float32, device=q.device)  # running key max
+    acc = _sums_dtype(q)
+    s = q.new_zeros(b, h, m, e, dtype=acc)  # sum_j phi(k_j) v_j^T
+    z = q.new_zeros(b, h, m, 1, dtype=acc)  # sum_j phi(k_j)
+    top = torch.full((b, h, 1, 1), -math.inf, dtype=acc, device=q.device)  # running key max
+    # in-place exp/scale/clamp save memory at inference; under autograd they would overwrite what the
+    # backward pass needs (exp's output, the sums before a rescale)
+    grad = torch.is_grad_enabled()
     for start in range(0, mk, chunk):
         kc = k[:, :, start : start + chunk]
-        vc = v[:, :, start : start + chunk].float()
+        vc = v[:, :, start : start + chunk].to(acc)
         if kind == "performer":
             assert proj is not None
             dash, half_norm = performer_exponent(kc, proj, scale)  # (B, H, c, m), (B, H, c, 1)
             new_top = torch.maximum(top, dash.amax(dim=(-2, -1), keepdim=True))
             if start:  # earlier chunks were shifted by the old maximum
-                shrink = (top - new_top).exp_()
-                s.mul_(shrink)
-                z.mul_(shrink)
+                shrink = (top - new_top).exp()
+                s, z = (s * shrink, z * shrink) if grad else (s.mul_(shrink), z.mul_(shrink))
             top = new_top
-            phi = (dash - half_norm - top).exp_().add_(EPS)
+            phi = _exp_features(dash, half_norm, top, grad)
+            del dash  # phi is dash itself at inference
         else:
             phi = feature_map(kc, kind)
         if bias is not None:  # a key weighted by exp(bias), as if present exp(bias) times
             phi = phi * bias[:, :, start : start + chunk].exp()
-        s = s + phi.transpose(-2, -1) @ vc  # (B, H, m, e)
-        z = z + phi.sum(-2).unsqueeze(-1)  # (B, H, m, 1)
-    out = q.new_empty(b, h, n, e, dtype=torch.float32)
+        kv = phi.transpose(-2, -1) @ vc  # (B, H, m, e)
+        ksum = phi.sum(-2).unsqueeze(-1)  # (B, H, m, 1)
+        del phi  # before the next chunk's features exist
+        s, z = (s + kv, z + ksum) if grad else (s.add_(kv), z.add_(ksum))
+        del kv, ksum
+    out = q.new_empty(b, h, n, e, dtype=acc)
     for start in range(0, n, chunk):
         qc = q[:, :, start : start + chunk]
         if kind == "performer":
             assert proj is not None
             dash, half_norm = performer_exponent(qc, proj, scale)
-            phi = (dash - half_norm - dash.amax(-1, keepdim=True)).exp_().add_(EPS)  # the shift cancels
+            phi = _exp_features(dash, half_norm, dash.amax(-1, keepdim=True), grad)  # the shift cancels
+            del dash
         else:
             phi = feature_map(qc, kind)
         num = phi @ s  # (B, H, c, e)
-        den = (phi @ z).clamp_min_(DENOM_MIN)  # (B, H, c, 1)
-        out[:, :, start : start + chunk] = num / den
+        den = (phi @ z).clamp_min(DENOM_MIN)  # (B, H, c, 1)
+        del phi
+        out[:, :, start : start + chunk] = num / den if grad else num.div_(den)
+        del num, den
     return out.to(q.dtype)
+
+
+def linear_attention_cost(
+    *, name: str, tokens: int, heads: int, head_dim: int, kind: str, features: int, chunk: int
+) -> KernelCost:
+    """Matmul work and peak elements of :func:`linear_attention` for one image at inference (fp32, no key
+    bias), N = ``tokens``, m features (d for elu/relu), c = min(chunk, N) rows at a time:
+
+    * MACs: the feature projections of q and k (performer: 2 N d m), the key sums phi(K)^T V (m N d) and
+      the output phi(Q) [S | z] (N m (d + 1)), per head;
+    * peak: the output (N d), one chunk's exponent, features and temporaries (c (m + d + 2), plus c d for
+      performer's squared norms) and the running sums (m (d + 1)), per head.
+    """
+    n, d = tokens, head_dim
+    m = features if kind == "performer" else d
+    c = min(chunk, n)
+    ops: list[LinearOp] = []
+    if kind == "performer":
+        ops.append(
+            LinearOp(
+                name=f"{name}.features",
+                tokens=2 * heads * n,
+                in_features=d,
+                out_features=m,
+                bias=False,
+                weight=False,
+            )
+        )
+    ops += [
+        LinearOp(
+            name=f"{name}.kv", tokens=heads * m, in_features=n, out_features=d, bias=False, weight=False
+        ),
+        LinearOp(
+            name=f"{name}.out", tokens=heads * n, in_features=m, out_features=d + 1, bias=False, weight=False
+        ),
+    ]
+    chunk_elements = c * (m + d + 2) + (c * d if kind == "performer" else 0)
+    return KernelCost(ops=tuple(ops), elements=heads * (n * d + chunk_elements + m * (d + 1)))
 
 
 def softmax_attention(
@@ -211,6 +276,18 @@ class LinearAttentionStep:
     def detail(self) -> str:
         c = self.config
         return f"linear {c.kind}" + (f" m={c.features}" if c.kind == "performer" else "")
+
+    def cost(self, *, name: str, tokens: int, heads: int, head_dim: int) -> KernelCost:
+        c = self.config
+        return linear_attention_cost(
+            name=name,
+            tokens=tokens,
+            heads=heads,
+            head_dim=head_dim,
+            kind=c.kind,
+            features=c.features,
+            chunk=c.chunk,
+        )
 
     def projection(self, d: int, device: torch.device, draw: int = 0) -> torch.Tensor:
         """Performer's (m, d) projection of draw ``draw``: a function of the seed, the block and the draw."""
