@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from vitedge.api import Composition, register
 from vitedge.attention.linear import TOKEN_REDUCERS, check_sequence
 from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.models.spec import AttnOp, KernelCost, LinearOp
 from vitedge.plan import PlanBuilder
 
 INITS = ("pool", "random")
@@ -99,6 +100,28 @@ def linformer_attention(
     return F.scaled_dot_product_attention(q, kp, vp, attn_mask=bias, scale=scale)
 
 
+def linformer_cost(*, name: str, tokens: int, prefix: int, k: int, heads: int, head_dim: int) -> KernelCost:
+    """Matmul work and peak elements of :func:`linformer_attention` for one image (N = ``tokens`` of which
+    P = ``prefix``, n = N - P patches projected to K = ``k``): E K and F V (2 K n d per head), then SDPA of N
+    queries over P + K keys. Peak, per head: the projected keys and values ((P + K) d each) with either the
+    next projection (K d) or the output (N d)."""
+    n, d = tokens - prefix, head_dim
+    ops = (
+        LinearOp(
+            name=f"{name}.project",
+            tokens=2 * heads * k,
+            in_features=n,
+            out_features=d,
+            bias=False,
+            weight=False,
+        ),
+        AttnOp(
+            name=f"{name}.sdpa", windows=1, q_tokens=tokens, kv_tokens=prefix + k, heads=heads, head_dim=d
+        ),
+    )
+    return KernelCost(ops=ops, elements=heads * d * (2 * (prefix + k) + max(k, tokens)))
+
+
 # --- model parameters and technique ----------------------------------------------------------------
 class LinformerProjections(nn.Module):
     """E and F of every block: ``e[i]``, ``f[i]`` of shape (k, L)."""
@@ -131,6 +154,11 @@ class LinformerStep:
     @property
     def detail(self) -> str:
         return f"linformer k={self.k}"
+
+    def cost(self, *, name: str, tokens: int, heads: int, head_dim: int) -> KernelCost:
+        return linformer_cost(
+            name=name, tokens=tokens, prefix=self.prefix, k=self.k, heads=heads, head_dim=head_dim
+        )
 
     def bind(self, encoder: Any) -> Any:
         proj = encoder.linformer

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from vitedge.api import Composition, register
-from vitedge.attention.batched import attention
+from vitedge.attention.batched import attention, short_enough
 from vitedge.attention.linear import TOKEN_REDUCERS, check_sequence
 from vitedge.models.base import Encoder, SequenceEncoder
+from vitedge.models.spec import AttnOp, KernelCost
 from vitedge.plan import PlanBuilder
 
 
@@ -94,12 +95,51 @@ def window_attention(
         mask = torch.zeros(nwin, prefix + t, dtype=q.dtype, device=q.device).masked_fill_(~valid, -math.inf)
         bias = mask.repeat(b, 1)[:, None, None, :]  # (B*nW, 1, 1, P + t)
     out_w = attention(qw, kw, vw, bias, scale)  # (B*nW, H, t, d)
+    del qw, kw, vw  # before the output is laid back out (a copy of its own size)
     out_w = out_w.view(b, nh, nw, h, wh, ww, d).permute(0, 3, 1, 4, 2, 5, 6).reshape(b, h, hp, wp, d)
     out_w = out_w[:, :, :gh, :gw].reshape(b, h, gh * gw, d)
     if not prefix:
         return out_w
     out_p = attention(qp, k, v, None, scale)  # (B, H, P, d): the prefix tokens stay global
     return torch.cat([out_p, out_w], dim=2)
+
+
+def window_cost(
+    *, name: str, prefix: int, grid: tuple[int, int], size: int, heads: int, head_dim: int
+) -> KernelCost:
+    """Matmul work and peak elements of :func:`window_attention` for one image: nW windows of t tokens
+    (padded) attending over the P prefix keys and their own, and the P prefix queries over everything.
+    Peak, per head: the windowed queries and output (t d per window each) and the keys and values with the
+    prefix ((P + t) d per window each); short windows (two batched products) add their scores and softmax."""
+    gh, gw = grid
+    wh, ww = min(size, gh), min(size, gw)
+    nwin, t = math.ceil(gh / wh) * math.ceil(gw / ww), wh * ww
+    d = head_dim
+    fused = not short_enough(t)
+    ops = [
+        AttnOp(
+            name=f"{name}.windows",
+            windows=nwin,
+            q_tokens=t,
+            kv_tokens=prefix + t,
+            heads=heads,
+            head_dim=d,
+            fused=fused,
+        )
+    ]
+    if prefix:
+        ops.append(
+            AttnOp(
+                name=f"{name}.prefix",
+                windows=1,
+                q_tokens=prefix,
+                kv_tokens=prefix + gh * gw,
+                heads=heads,
+                head_dim=d,
+            )
+        )
+    scores = 0 if fused else 2 * nwin * t * (prefix + t)
+    return KernelCost(ops=tuple(ops), elements=heads * (d * nwin * (2 * t + 2 * (prefix + t)) + scores))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +154,13 @@ class WindowAttentionStep:
     @property
     def detail(self) -> str:
         return f"window {self.size}x{self.size}"
+
+    def cost(self, *, name: str, tokens: int, heads: int, head_dim: int) -> KernelCost:
+        if tokens != self.prefix + self.grid[0] * self.grid[1]:
+            raise ValueError(f"window attention is planned for {self.grid} patches, not {tokens} tokens")
+        return window_cost(
+            name=name, prefix=self.prefix, grid=self.grid, size=self.size, heads=heads, head_dim=head_dim
+        )
 
     def __call__(
         self,

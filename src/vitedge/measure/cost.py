@@ -30,7 +30,9 @@ blocks) actually keeps alive, per image, with ``I``, ``H``, ``O`` the layer's ``
   several windows, or a ``swin`` spec) adds ``2 I`` (cyclic shift / pad copy and window partition copy);
   fused attention then holds its output and the head-merge copy (``2 O``); unfused attention holds a
   scaled copy of q (``H/3``) and either the contiguous q, k operand copies of QK^T plus the scores
-  (``2H/3 + S``) or the scores and their softmax (``2 S``);
+  (``2H/3 + S``) or the scores and their softmax (``2 S``); an attention kernel of the execution plan
+  (linear, Linformer, windowed) holds its own peak ``K`` (its ``KernelCost.elements``, output included) and
+  then its output and the head-merge copy: ``I + I + H + max(K, 2 O)``;
 * ``mlp``: ``I`` + the normalised input ``I`` + ``2 H`` (the fc1 output and its activation coexist);
 * ``merge``: ``I`` + the gathered 2x2 neighbours ``H`` + their normalised copy ``H`` + ``O``;
 * ``head``: ``I`` + the final norm output ``I`` + ``O`` (the blocks' streams are released by then);
@@ -193,6 +195,8 @@ def _attn_elements(layer: LayerSpec, *, fused_attention: bool, windowed: bool) -
     # Swin partitions even where one window covers the whole map (its last stage)
     if windowed or any(op.windows > 1 for op in attn_ops):
         live += 2 * i  # shift/pad copy and window-partition copy of the normalised input
+    if layer.kernel_elements is not None:  # another kernel: its own peak, then the head-merge copy
+        return live + max(layer.kernel_elements, 2 * o)
     unfused = [op for op in attn_ops if not (fused_attention and op.fused)]
     if unfused:
         scores = sum(op.score_elements for op in unfused)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
 from vitedge.attention.batched import short_enough
 from vitedge.models.base import Encoder, SequenceEncoder
-from vitedge.models.spec import ArchSpec, AttnOp, BlockTokens, LayerSpec, LinearOp
+from vitedge.models.spec import ArchSpec, AttnOp, BlockTokens, KernelCost, LayerSpec, LinearOp
 
 
 def param_count(modules: Iterable[nn.Module]) -> int:
@@ -49,10 +50,13 @@ def global_block_layers(
     prefix: str = "blocks",
     fused: bool = True,
     plan: list[BlockTokens] | None = None,
+    kernels: list[Any] | None = None,
 ) -> list[LayerSpec]:
     """Attention and MLP layers of global-attention blocks of width ``dim``.
 
-    Every block sees ``tokens`` tokens unless ``plan`` (from a token-reducing technique) says otherwise.
+    Every block sees ``tokens`` tokens unless ``plan`` (from a token-reducing technique) says otherwise;
+    a block whose ``kernels`` entry (the execution plan's attention step) has a ``cost`` method costs that
+    kernel instead of SDPA.
     """
     layers: list[LayerSpec] = []
     for i, b in enumerate(enc.blocks):
@@ -61,17 +65,27 @@ def global_block_layers(
         a = b.attn
         attn_lin = linear_ops(f"{prefix}.{i}.attn", a.module, n)
         qkv_width = sum(op.out_features for op in attn_lin) - a.proj.out_features
-        attn = AttnOp(
-            name=f"{prefix}.{i}.attn.sdpa",
-            windows=1,
-            q_tokens=n,
-            kv_tokens=n,
-            heads=a.num_heads,
-            head_dim=a.head_dim,
-            # the token runner (plan given) stores the scores of short sequences (batched products on CPU)
-            fused=fused if plan is None else not short_enough(n),
+        kernel = kernels[i] if kernels is not None else None
+        custom: KernelCost | None = None
+        if kernel is not None and hasattr(kernel, "cost"):
+            custom = kernel.cost(name=f"{prefix}.{i}.attn", tokens=n, heads=a.num_heads, head_dim=a.head_dim)
+        attn: tuple[LinearOp | AttnOp, ...] = (
+            custom.ops
+            if custom is not None
+            else (
+                AttnOp(
+                    name=f"{prefix}.{i}.attn.sdpa",
+                    windows=1,
+                    q_tokens=n,
+                    kv_tokens=n,
+                    heads=a.num_heads,
+                    head_dim=a.head_dim,
+                    # the token runner (plan given) stores the scores of short sequences (batched products)
+                    fused=fused if plan is None else not short_enough(n),
+                ),
+            )
         )
-        ops: tuple[LinearOp | AttnOp, ...] = (*attn_lin, attn, *step.extra)
+        ops: tuple[LinearOp | AttnOp, ...] = (*attn_lin, *attn, *step.extra)
         layers.append(
             LayerSpec(
                 name=f"{prefix}.{i}.attn",
@@ -81,6 +95,7 @@ def global_block_layers(
                 out_elements=m * dim,
                 hidden_elements=n * qkv_width,
                 extra_params=param_count([b.norm1, a.module]) - _linear_params(ops),
+                kernel_elements=None if custom is None else custom.elements,
             )
         )
         mlp_lin = linear_ops(f"{prefix}.{i}.mlp", b.mlp, m)
@@ -131,7 +146,8 @@ def vit_arch(
         )
     ]
     plan = enc.plan.block_tokens(enc) if isinstance(enc, SequenceEncoder) and enc.plan is not None else None
-    layers += global_block_layers(enc, tokens=tokens, dim=dim, fused=fused, plan=plan)
+    kernels = [b.attention for b in enc.plan.blocks] if enc.plan is not None else None
+    layers += global_block_layers(enc, tokens=tokens, dim=dim, fused=fused, plan=plan, kernels=kernels)
     final_tokens = plan[-1].tokens_out if plan else tokens
     head_ops: list[LinearOp | AttnOp] = []
     for m in head_modules:

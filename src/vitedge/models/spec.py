@@ -61,6 +61,17 @@ class AttnOp:
 
 
 @dataclass(frozen=True, kw_only=True)
+class KernelCost:
+    """What an attention kernel other than SDPA costs for one image: its matmul work (``ops``, in place of
+    the block's single :class:`AttnOp`) and the elements it holds at its peak, its output included
+    (``elements``; the allocations a kernel makes beyond its q, k, v inputs). Fused SDPA holds its output
+    only (plus a small per-thread scratch, not counted)."""
+
+    ops: tuple[LinearOp | AttnOp, ...]
+    elements: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class BlockTokens:
     """Tokens one block sees when a technique shrinks the sequence: ``attn_tokens`` enter the attention,
     ``mlp_tokens`` the MLP (reduction happens in between), and ``extra`` is the technique's own matmul work
@@ -92,6 +103,7 @@ class LayerSpec:
     out_elements: int
     hidden_elements: int = 0
     extra_params: int = 0
+    kernel_elements: int | None = None  # an attention kernel's own peak (KernelCost.elements); None: SDPA
 
     @property
     def macs(self) -> int:

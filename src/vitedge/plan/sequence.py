@@ -128,6 +128,7 @@ def run_block(
     size = state.size if state.prop_attn else None
     y, info = attend(view.attn, view.norm1(x), size, NOTHING if reducer is None else reducer.needs, kernel)
     state.x = x + view.drop1(view.ls1(y))  # drop1/drop2: stochastic depth, identity in eval mode
+    del y  # not held through the MLP (timm's block frees it too): one residual stream less at the peak
     if reducer is not None:
         state = reducer.reduce(encoder, state, info)
     x = state.x
