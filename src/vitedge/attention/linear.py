@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from vitedge.api import Composition, register
 from vitedge.models.base import Encoder, SequenceEncoder
-from vitedge.models.spec import KernelCost, LinearOp
+from vitedge.models.spec import KernelCost, product
 from vitedge.plan import PlanBuilder
 
 KINDS = ("performer", "elu", "relu")
@@ -221,25 +221,12 @@ def linear_attention_cost(
     n, d = tokens, head_dim
     m = features if kind == "performer" else d
     c = min(chunk, n)
-    ops: list[LinearOp] = []
-    if kind == "performer":
-        ops.append(
-            LinearOp(
-                name=f"{name}.features",
-                tokens=2 * heads * n,
-                in_features=d,
-                out_features=m,
-                bias=False,
-                weight=False,
-            )
-        )
+    # elu/relu are fixed maps: no feature projection
+    features_op = product(f"{name}.features", tokens=2 * heads * n, in_features=d, out_features=m)
+    ops = [features_op] if kind == "performer" else []
     ops += [
-        LinearOp(
-            name=f"{name}.kv", tokens=heads * m, in_features=n, out_features=d, bias=False, weight=False
-        ),
-        LinearOp(
-            name=f"{name}.out", tokens=heads * n, in_features=m, out_features=d + 1, bias=False, weight=False
-        ),
+        product(f"{name}.kv", tokens=heads * m, in_features=n, out_features=d),
+        product(f"{name}.out", tokens=heads * n, in_features=m, out_features=d + 1),  # numerator | normaliser
     ]
     chunk_elements = c * (m + d + 2) + (c * d if kind == "performer" else 0)
     return KernelCost(ops=tuple(ops), elements=heads * (n * d + chunk_elements + m * (d + 1)))

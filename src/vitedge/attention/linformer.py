@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from vitedge.api import Composition, register
 from vitedge.attention.linear import TOKEN_REDUCERS, check_sequence
 from vitedge.models.base import Encoder, SequenceEncoder
-from vitedge.models.spec import AttnOp, KernelCost, LinearOp
+from vitedge.models.spec import AttnOp, KernelCost, product
 from vitedge.plan import PlanBuilder
 
 INITS = ("pool", "random")
@@ -107,14 +107,7 @@ def linformer_cost(*, name: str, tokens: int, prefix: int, k: int, heads: int, h
     next projection (K d) or the output (N d)."""
     n, d = tokens - prefix, head_dim
     ops = (
-        LinearOp(
-            name=f"{name}.project",
-            tokens=2 * heads * k,
-            in_features=n,
-            out_features=d,
-            bias=False,
-            weight=False,
-        ),
+        product(f"{name}.project", tokens=2 * heads * k, in_features=n, out_features=d),
         AttnOp(
             name=f"{name}.sdpa", windows=1, q_tokens=tokens, kv_tokens=prefix + k, heads=heads, head_dim=d
         ),

@@ -60,6 +60,14 @@ class AttnOp:
         return self.windows * self.heads * self.q_tokens * self.kv_tokens
 
 
+def product(name: str, *, tokens: int, in_features: int, out_features: int) -> LinearOp:
+    """A product of two activations (no weights, no bias): ``tokens`` rows of ``in_features`` against an
+    (``in_features``, ``out_features``) activation matrix, per image."""
+    return LinearOp(
+        name=name, tokens=tokens, in_features=in_features, out_features=out_features, bias=False, weight=False
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class KernelCost:
     """What an attention kernel other than SDPA costs for one image: its matmul work (``ops``, in place of
