@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,9 +35,12 @@ CacheDirOpt = Annotated[
 @user_errors
 def encode_(
     model: ModelArg,
-    directory: Annotated[str, typer.Argument(help="a folder of images (recursive), or imagenet-sample")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="folders of images (recursive), image files, or imagenet-sample"),
+    ],
     cache: Annotated[
-        str, typer.Option("--cache", help="tiers fastest first: memory,disk,redis,redis-cluster")
+        str, typer.Option("--cache", help="tiers fastest first: memory,disk,redis,redis-cluster; or none")
     ] = "memory,disk",
     value_format: Annotated[str, typer.Option("--format", help="stored value: fp16 or int8")] = "fp16",
     batch: Annotated[int, typer.Option("--batch", help="images per forward for the misses")] = 16,
@@ -55,12 +58,43 @@ def encode_(
         str | None, typer.Option("--redis-max-bytes", help="bound the Redis server's memory (LRU), e.g. 2GiB")
     ] = None,
     threads: ThreadsOpt = 2,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="write the features to this Parquet table (a rerun resumes it)"),
+    ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (this process) or ray (a Ray Data job; needs --out)")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster to join (default: start one on loopback)")
+    ] = None,
+    actors: Annotated[
+        int | None, typer.Option("--actors", help="Ray encoder actors (default: CPUs // --threads)", min=1)
+    ] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option("--num-cpus", help="CPUs of the local Ray cluster it starts", min=1)
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Encode a folder of images through the feature cache (with an -O stack); print the hit rate and the
-    time saved. Files that cannot be read are reported (JSON ``errors``) and the rest encoded."""
-    from vitedge.cache.encode import run_encode
+    """Encode images through the feature cache (with an -O stack); print the hit rate and the time saved.
+    Files that cannot be read are reported (JSON ``errors``) and the rest encoded. With ``--out`` the
+    features go to a Parquet table (key, path, shape, feature), in this process or with ``--engine ray`` on a
+    Ray cluster; a rerun skips what the table holds."""
     from vitedge.commands import _progress
+
+    if out is not None or engine != "local":
+        _encode_table(
+            model, inputs, out=out, engine=engine, cache=cache, value_format=value_format, batch=batch,
+            limit=limit, cache_dir=cache_dir, opt=opt, weights=weights, max_pixels=max_pixels,
+            threads=threads, ray_args=(address, actors, num_cpus), as_json=as_json,
+        )  # fmt: skip
+        return
+    if len(inputs) != 1:
+        raise ValueError(
+            "without --out, encode takes one folder (or imagenet-sample); give --out to encode several"
+        )
+    directory = inputs[0]
+    from vitedge.cache.encode import run_encode
 
     with _progress(err) as progress:
         task = progress.add_task(f"encode {model}", total=None)
@@ -85,8 +119,67 @@ def encode_(
         as_json,
         lambda r: err.print(
             f"{r['encoded']} of {r['images']} images encoded: hit rate {r['hit_rate']:.1%}, "
-            f"{r['time_s']:.2f} s, time saved {r['time_saved_s']:.2f} s"
-            + "".join(f"\n  skipped {e['path']}: {e['reason']}" for e in r["errors"]),
+            f"{r['time_s']:.2f} s, time saved {r['time_saved_s']:.2f} s" + _skipped(r),
+            highlight=False,
+        ),
+    )
+
+
+def _skipped(result: dict[str, Any]) -> str:
+    return "".join(f"\n  skipped {e['path']}: {e['reason']}" for e in result["errors"])
+
+
+def _encode_table(
+    model: str,
+    inputs: list[str],
+    *,
+    out: Path | None,
+    engine: str,
+    ray_args: tuple[str | None, int | None, int | None],
+    as_json: bool,
+    **settings: Any,
+) -> None:
+    """``encode --out FILE.parquet [--engine ray]``: a bulk job into a feature table."""
+    from vitedge.commands import _progress
+    from vitedge.scale import EncodeJob, RayConfig, run_bulk
+
+    if out is None:
+        raise ValueError(f"--engine {engine} writes a feature table: give --out FILE.parquet")
+    address, actors, num_cpus = ray_args
+    ray = None
+    if engine == "ray":
+        ray = RayConfig(address=address, actors=actors, num_cpus=num_cpus, show_progress=True)
+    elif any(a is not None for a in ray_args):
+        raise ValueError("--address, --actors and --num-cpus need --engine ray")
+    job = EncodeJob(
+        model=model,
+        opts=tuple(settings["opt"] or ()),
+        weights=None if settings["weights"] is None else str(settings["weights"]),
+        cache=settings["cache"],
+        value_format=settings["value_format"],
+        cache_dir=settings["cache_dir"],
+        threads=settings["threads"],
+        batch=settings["batch"],
+        max_pixels=settings["max_pixels"],
+    )
+    # Ray draws its own progress bars; the local engine gets ours
+    with _progress(err if engine == "local" else None) as progress:
+        task = progress.add_task(f"encode {model}", total=None)
+        result = run_bulk(
+            job,
+            inputs,
+            out=out,
+            engine=engine,
+            ray=ray,
+            limit=settings["limit"],
+            progress=lambda n, total: progress.update(task, completed=n, total=total),
+        )
+    emit(
+        result,
+        as_json,
+        lambda r: err.print(
+            f"{r['encoded']} of {r['images']} images encoded ({r['skipped']} already in {r['out']}, "
+            f"{r['rows']} rows now), hit rate {r['hit_rate']:.1%}, {r['time_s']:.2f} s" + _skipped(r),
             highlight=False,
         ),
     )

@@ -23,6 +23,7 @@ __all__ = [
     "EncodeReport",
     "encode",
     "encode_report",
+    "forward_features",
     "list_images",
     "run_cache_invalidate",
     "run_cache_stats",
@@ -81,7 +82,8 @@ def _as_cache(cache: CacheLike) -> tuple[FeatureCache | None, bool]:
     )
 
 
-def _forward(model: Any, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
+def forward_features(model: Any, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
+    """The features `encode` returns for a preprocessed batch: the model's dtype and autocast, float32 out."""
     with torch.inference_mode():
         x = x.to(model.compute_dtype)
         with model.autocast(x):  # the same autocast as the model's own forward
@@ -179,7 +181,7 @@ def _compute(
     report: EncodeReport,
 ) -> int:
     t0 = time.perf_counter()
-    feats = _forward(enc, torch.stack([x for _, _, x in pending]))
+    feats = forward_features(enc, torch.stack([x for _, _, x in pending]))
     elapsed = time.perf_counter() - t0
     report.compute_s += elapsed
     report.misses += len(pending)
@@ -244,9 +246,9 @@ def _single_image_ms(enc: Any, path: Path) -> float:
     from vitedge.data import build_transform, read_image
 
     x = build_transform(enc.preprocess)(read_image(path)).unsqueeze(0)  # the guarded decode path
-    _forward(enc, x)
+    forward_features(enc, x)
     t0 = time.perf_counter()
-    _forward(enc, x)
+    forward_features(enc, x)
     return (time.perf_counter() - t0) * 1e3
 
 

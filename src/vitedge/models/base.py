@@ -61,6 +61,14 @@ class Preprocess:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Preprocess:
+        """The inverse of :meth:`to_json` (JSON turns tuples into lists)."""
+        fields = dict(data)
+        for name in ("img_size", "mean", "std"):
+            fields[name] = tuple(fields[name])
+        return cls(**fields)
+
 
 @dataclass(frozen=True, kw_only=True)
 class TokenLayout:

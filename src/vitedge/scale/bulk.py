@@ -1,0 +1,287 @@
+"""Bulk encoding to a Parquet feature table, in one process or on a Ray cluster (seed 22.3.4-22.3.5).
+
+``vitedge encode MODEL DIR|FILE... --out FILE.parquet [--engine ray [--address ADDR]]``. Both engines run the
+same :mod:`vitedge.scale.worker` code: the local engine decodes and encodes batch after batch; the Ray engine
+is a Ray Data pipeline that decodes in parallel tasks and encodes in an actor pool of
+:class:`~vitedge.scale.worker.EncoderWorker` (each loads the model and its ``-O`` stack once and sets torch's
+threads to the CPUs it reserves). Either way the driver writes finished batches as part files of a
+:class:`~vitedge.scale.table.FeatureTable`, so a rerun skips what is written, and the feature cache skips what
+any worker computed before. Ray restarts a killed actor and retries its batch; the table keeps each path once.
+Ray is imported only by the Ray engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitedge.scale.table import FeatureTable
+from vitedge.scale.worker import EncodeJob, EncoderWorker, decode_files, encode_decoded
+
+__all__ = ["ENGINES", "RayConfig", "list_inputs", "run_bulk"]
+
+log = logging.getLogger(__name__)
+ENGINES = ("local", "ray")
+LOOPBACK = "127.0.0.1"
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """Where and how wide the Ray engine runs.
+
+    Attributes:
+        address: an existing cluster (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``); None starts a local
+            one on loopback for this job and stops it after.
+        actors: encoder actors (default: the cluster's CPUs // ``threads``, at least 1).
+        num_cpus: CPUs of the local cluster it starts (default: this machine's cores).
+        show_progress: Ray Data's progress bars on stderr.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    num_cpus: int | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"--actors must be >= 1, got {self.actors}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"--num-cpus must be >= 1, got {self.num_cpus}")
+
+
+def list_inputs(inputs: Sequence[str | Path], *, limit: int | None = None) -> list[Path]:
+    """Files to encode: each input is a folder (its images, recursively), ``imagenet-sample``, or a file.
+
+    A named file is taken whatever its extension, so a bad one is reported, not silently left out. Paths are
+    absolute and each appears once, in the order given.
+
+    Raises:
+        ValueError: no inputs, a bad ``limit``, or an input that is neither a folder nor a file.
+    """
+    from vitedge.cache.encode import list_images
+
+    if not inputs:
+        raise ValueError("name at least one folder or image file to encode")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {limit}")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if str(item) == "imagenet-sample" or path.is_dir():
+            files += list_images(item)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{item} is neither a folder nor a file")
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique[:limit]
+
+
+def run_bulk(
+    job: EncodeJob,
+    inputs: Sequence[str | Path],
+    *,
+    out: str | Path,
+    engine: str = "local",
+    ray: RayConfig | None = None,
+    limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Encode ``inputs`` with ``job``'s model into the Parquet table ``out``; resume what it holds.
+
+    Returns:
+        The ``encode`` JSON keys (``images``, ``encoded``, ``errors``, ``hits``, ``misses``, ``hit_rate``,
+        ``out``) and ``engine``, ``rows`` (in ``out``), ``skipped`` (inputs ``out`` already held),
+        ``duplicates_dropped``, ``nodes`` (rows computed per Ray node), ``startup_s`` (until the first batch
+        came back: cluster start, model loading, the first batch), ``time_s``, ``steady_images_per_s``
+        (inputs after the first batch / the time after it), ``shape``, ``namespace``.
+
+    Raises:
+        ValueError: a bad engine, input, model id, ``-O`` string or ``out``.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if ray is not None and engine != "ray":
+        raise ValueError("Ray settings (--address, --actors, --num-cpus) need --engine ray")
+    t0 = time.perf_counter()
+    files = list_inputs(inputs, limit=limit)
+    # The driver loads the model once in either engine: a bad id or stack fails here, before any cluster
+    # starts, and it names the namespace the table belongs to.
+    worker = EncoderWorker(job if engine == "local" else replace(job, cache="none"))
+    table = FeatureTable(out, namespace=worker.namespace, meta={"model": job.model, "opts": list(job.opts)})
+    done = table.done_paths()
+    todo = [p for p in files if str(p) not in done]
+    preprocess = worker.model.preprocess.to_json()
+    shape = list(worker.feature_shape)
+    if engine == "ray":
+        worker.close()
+        del worker
+        batches = _ray_batches(job, todo, preprocess, ray or RayConfig())
+    else:
+        batches = _local_batches(worker, todo, preprocess)
+    tally = _Tally(total=len(todo), progress=progress, start=t0)
+    try:
+        for batch in batches:
+            good = batch["error"] == ""
+            table.write_part(
+                [str(k) for k in batch["key"][good]],
+                [str(p) for p in batch["path"][good]],
+                batch["feature"][good],
+            )
+            tally.add(batch)
+    finally:
+        if engine == "local":
+            worker.close()
+    summary = table.finish(tally.errors)
+    encoded = tally.hits + tally.misses
+    return {
+        "model": job.model,
+        "name": " ".join(job.opts) or "baseline",
+        "engine": engine,
+        "images": len(files),
+        "encoded": encoded,
+        "errors": tally.errors,
+        "hits": tally.hits,
+        "misses": tally.misses,
+        "hit_rate": tally.hits / encoded if encoded else 0.0,
+        "skipped": len(files) - len(todo),
+        "out": str(table.out),
+        "errors_out": str(table.errors_path) if table.errors_path.exists() else None,
+        "rows": summary["rows"],
+        "duplicates_dropped": summary["duplicates_dropped"],
+        "nodes": tally.nodes,
+        "startup_s": tally.startup_s,
+        "time_s": time.perf_counter() - t0,
+        "steady_images_per_s": tally.steady_rate(),
+        "shape": shape,
+        "namespace": table.namespace,
+        "batch": job.batch,
+        "threads": job.threads,
+    }
+
+
+class _Tally:
+    """Counts and times the batches as they come back."""
+
+    def __init__(self, *, total: int, progress: Callable[[int, int], None] | None, start: float) -> None:
+        self.total, self.progress, self.start = total, progress, start
+        self.done = self.hits = self.misses = 0
+        self.errors: list[dict[str, str]] = []
+        self.nodes: dict[str, int] = {}
+        self.arrivals: list[tuple[float, int]] = []  # (time, inputs in the batch)
+        self.startup_s: float | None = None
+
+    def add(self, batch: Batch) -> None:
+        now = time.perf_counter()
+        n = len(batch["path"])
+        if self.startup_s is None:
+            self.startup_s = now - self.start
+        self.arrivals.append((now, n))
+        good = batch["error"] == ""
+        self.hits += int(batch["hit"][good].sum())
+        self.misses += int((~batch["hit"][good]).sum())
+        for node in batch["node"][good]:
+            self.nodes[str(node)] = self.nodes.get(str(node), 0) + 1
+        self.errors += [
+            {"path": str(p), "reason": str(r)}
+            for p, r in zip(batch["path"][~good], batch["error"][~good], strict=True)
+        ]
+        self.done += n
+        if self.progress:
+            self.progress(self.done, self.total)
+
+    def steady_rate(self) -> float | None:
+        """Inputs per second after the first batch came back (None with fewer than two batches)."""
+        if len(self.arrivals) < 2:
+            return None
+        elapsed = self.arrivals[-1][0] - self.arrivals[0][0]
+        return sum(n for _, n in self.arrivals[1:]) / elapsed if elapsed > 0 else None
+
+
+def _local_batches(worker: EncoderWorker, files: list[Path], preprocess: dict[str, Any]) -> Iterator[Batch]:
+    step = worker.job.batch
+    for i in range(0, len(files), step):
+        decoded = decode_files([str(p) for p in files[i : i + step]], preprocess, worker.job.max_pixels)
+        yield encode_decoded(worker, decoded, node="local")
+
+
+def _decode_udf(batch: Batch, preprocess: dict[str, Any], max_pixels: int | None) -> Batch:
+    return decode_files([str(p) for p in batch["path"]], preprocess, max_pixels)
+
+
+class _EncoderActor:
+    """One Ray actor of the pool: an :class:`EncoderWorker`, built from the job's JSON."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        import ray
+
+        self.worker = EncoderWorker(EncodeJob.from_json(job))
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: Batch) -> Batch:
+        return encode_decoded(self.worker, batch, node=self.node)
+
+
+def _ray_batches(
+    job: EncodeJob, files: list[Path], preprocess: dict[str, Any], config: RayConfig
+) -> Iterator[Batch]:
+    import ray
+    import ray.data
+
+    if not files:
+        return
+    started = False
+    if not ray.is_initialized():
+        if config.address is None:
+            ray.init(
+                num_cpus=config.num_cpus or os.cpu_count() or 1,
+                include_dashboard=False,
+                log_to_driver=False,
+                _node_ip_address=LOOPBACK,  # a cluster of this job only: nothing listens beyond loopback
+            )
+        else:
+            ray.init(address=config.address, log_to_driver=False)
+        started = True
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = config.show_progress
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        actors = config.actors or max(1, int(cpus // job.threads))
+        if actors * job.threads > cpus:
+            raise ValueError(
+                f"{actors} actors x {job.threads} threads need {actors * job.threads} CPUs; the cluster has "
+                f"{cpus:g} (lower --actors or --threads)"
+            )
+        log.info("ray: %d encoder actors x %d threads on %g CPUs", actors, job.threads, cpus)
+        items = [{"path": str(p)} for p in files]
+        ds: ray.data.Dataset = ray.data.from_items(
+            items, override_num_blocks=math.ceil(len(files) / job.batch)
+        )
+        # Decoding reserves no CPU: the actors hold them all, and the decoders, as many as the actors,
+        # fill the gaps between forwards (the local engine decodes in the same gaps, serially).
+        ds = ds.map_batches(
+            _decode_udf,  # type: ignore[arg-type]  # Ray's UDF type names no extra keyword arguments
+            batch_size=job.batch,
+            fn_kwargs={"preprocess": preprocess, "max_pixels": job.max_pixels},
+            compute=ray.data.TaskPoolStrategy(size=actors),
+            num_cpus=0,
+        )
+        ds = ds.map_batches(
+            _EncoderActor,
+            batch_size=job.batch,
+            fn_constructor_kwargs={"job": job.to_json()},
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=job.threads,
+        )
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    finally:
+        if started:
+            ray.shutdown()
