@@ -5,7 +5,13 @@ recordings by ``tests/test_references.py``. A change that alters a technique on 
 cases in the same commit, with the technique's algorithm version bumped (``register(..., version=N)``); each
 case records the versions it was made with, and the test refuses a recording whose versions are stale.
 
-    python scripts/record_references.py            # writes tests/references/outputs.{safetensors,json}
+    python scripts/record_references.py            # writes tests/references/outputs{.json,-ISA.safetensors}
+
+Quantized and bf16 kernels round differently on each CPU instruction set (AVX2's int8 products and bf16
+emulation are not AVX-512's VNNI and BF16), so the outputs are recorded once per ``ISA``, torch's
+``torch.backends.cpu.get_cpu_capability()``: a run records this machine's ISA and keeps the others' files
+while the cases and their versions are unchanged; when they change, the others' files are stale and removed
+(re-record them on such a machine).
 
 Each case is ``(model id, data set, [-O strings])``; the images are ``IMAGES[data]`` images spread evenly
 over the data set.
@@ -95,6 +101,15 @@ def images(model: vitedge.Encoder, data: str) -> torch.Tensor:
     return timing_input(model, IMAGES[data], data)
 
 
+def isa() -> str:
+    """The CPU instruction set torch dispatches to here (``AVX2``, ``AVX512``, ...)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def recording(capability: str) -> Path:
+    return OUT / f"outputs-{capability}.safetensors"
+
+
 def main() -> None:
     torch.set_num_threads(2)
     outputs: dict[str, torch.Tensor] = {}
@@ -114,8 +129,16 @@ def main() -> None:
         meta.append({"key": key, "model": model_id, "data": data, "opts": opts, "versions": versions})
         print(f"{key:90s} {tuple(y.shape)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    save_file(outputs, str(OUT / "outputs.safetensors"))
-    (OUT / "outputs.json").write_text(json.dumps({"images": IMAGES, "cases": meta}, indent=1) + "\n")
+    index = OUT / "outputs.json"
+    fresh = {"images": IMAGES, "cases": meta}
+    old = json.loads(index.read_text()) if index.exists() else None
+    if old is not None and {k: old[k] for k in fresh} != fresh:
+        for stale in OUT.glob("outputs-*.safetensors"):
+            print(f"cases changed: removing {stale.name} (re-record it on a machine with that ISA)")
+            stale.unlink()
+    save_file(outputs, str(recording(isa())))
+    index.write_text(json.dumps(fresh, indent=1) + "\n")
+    print(f"recorded {len(outputs)} cases for {isa()} in {recording(isa())}")
 
 
 if __name__ == "__main__":
