@@ -65,7 +65,9 @@ REDIS_SHAPES = {"cifar-vit 66x192": (66, 192), "deit-tiny 197x192": (197, 192), 
 
 
 def redis_throughput(ops: int = 2000) -> dict[str, dict[str, float]]:
-    """Sequential put and get throughput of one client on a loopback redis-server, per feature size."""
+    """Sequential put and get throughput of one client on a loopback redis-server, per feature size, and the
+    server's ceiling with many clients (``server_*``: Redis's own ``redis-benchmark``, 16 connections, SET
+    and GET of values of the same size; it runs on the same 2 cores, so the ceiling is a lower bound)."""
     import shutil
     import socket
     import subprocess
@@ -106,11 +108,30 @@ def redis_throughput(ops: int = 2000) -> dict[str, dict[str, float]]:
                         "put_ops_per_s": ops / put_s,
                         "get_ops_per_s": ops / get_s,
                         "get_mb_per_s": ops * value_bytes / get_s / 1e6,
+                        **server_ceiling(port, value_bytes, requests=ops * 2),
                     }
         finally:
             proc.terminate()
             proc.wait()
     return out
+
+
+def server_ceiling(port: int, value_bytes: int, *, requests: int, clients: int = 16) -> dict[str, float]:
+    """SET and GET ops/s and GET MB/s of ``redis-benchmark`` with ``clients`` connections on loopback."""
+    import csv
+    import io
+    import subprocess
+
+    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients), "-n", str(requests)]
+    cmd += ["-d", str(value_bytes), "-t", "set,get", "--csv"]
+    text = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    rates = {row["test"]: float(row["rps"]) for row in csv.DictReader(io.StringIO(text))}
+    return {
+        "server_clients": clients,
+        "server_set_ops_per_s": rates["SET"],
+        "server_get_ops_per_s": rates["GET"],
+        "server_get_mb_per_s": rates["GET"] * value_bytes / 1e6,
+    }
 
 
 def main() -> None:

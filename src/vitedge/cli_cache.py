@@ -329,51 +329,78 @@ def serve(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="allow a non-loopback --host without API keys")
     ] = False,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local: this process; ray: Ray Serve replicas behind one proxy")
+    ] = "local",
+    replicas: Annotated[
+        int, typer.Option("--replicas", help="with --engine ray: replicas, each with --threads CPUs", min=1)
+    ] = 2,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="with --engine ray: an existing cluster (default: start one here)"),
+    ] = None,
+    num_cpus: Annotated[
+        int | None,
+        typer.Option("--num-cpus", help="with --engine ray: CPUs of the local cluster it starts", min=1),
+    ] = None,
+    max_ongoing: Annotated[
+        int,
+        typer.Option("--max-ongoing", help="with --engine ray: requests a replica holds at once", min=1),
+    ] = 64,
+    ingress: Annotated[
+        str,
+        typer.Option(
+            "--ingress",
+            help="with --engine ray: proxy (Ray Serve's proxy actor) or haproxy (its HAProxy ingress)",
+        ),
+    ] = "proxy",
     weights: WeightsOpt = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the encoder over HTTP (POST /v1/encode, /v1/classify; GET /healthz, /readyz, /metrics) with
-    dynamic batching, priorities (X-Priority) and deadlines (X-Deadline-Ms); one JSON line when ready."""
+    dynamic batching, priorities (X-Priority) and deadlines (X-Deadline-Ms); one JSON line when ready.
+    With --engine ray: --replicas copies of the service behind Ray Serve's proxy, sharing --cache redis."""
     import json
     import os
     import sys
 
     import uvicorn
 
-    from vitedge.commands import build_model
-    from vitedge.options import parse_options
-    from vitedge.serve.app import ServeConfig, create_app
     from vitedge.serve.auth import KeyRing, check_bind
-    from vitedge.serve.batcher import BatcherConfig
+    from vitedge.serve.spec import ServiceSpec
 
     auto = max_batch == "auto"
     if not auto and not (max_batch.isdigit() and int(max_batch) >= 1):
         raise ValueError(f"--max-batch takes a positive integer or auto, got {max_batch!r}")
     keys = KeyRing.from_file(api_key_file) if api_key_file is not None else None
     check_bind(host, keys=keys, insecure=insecure)
-    sizes = parse_sizes(img_sizes)
-    configs = parse_options(opt or [])
-    encoders = {}
-    for size in sizes or [None]:  # type: ignore[list-item]
-        enc = build_model(model, configs, img_size=size, weights=weights)
-        encoders[tuple(enc.img_size)] = enc
-    batcher = BatcherConfig(
-        max_batch=64 if auto else int(max_batch),
+    spec = ServiceSpec(
+        model=model,
+        opts=tuple(opt or []),
+        img_sizes=tuple(parse_sizes(img_sizes)),
+        weights=None if weights is None else str(weights),
+        max_batch=None if auto else int(max_batch),
         max_wait_ms=max_wait_ms,
-        queue_size=queue,
+        queue=queue,
         deadline_ms=deadline_ms,
         latency_target_ms=latency_target_ms,
-    )
-    config = ServeConfig(
-        batcher=batcher,
+        memory_budget=memory_budget,
         threads=threads,
         cache=None if cache == "none" else cache,
         redis_url=redis_url,
-        keys=keys,
-        auto_batch=auto,
-        memory_budget=memory_budget,
+        keys=None if keys is None else tuple(keys.lines()),
     )
+    if engine == "ray":
+        from vitedge.scale.replicas import ReplicaConfig, serve_replicas
+
+        ray_config = ReplicaConfig(
+            replicas=replicas, address=address, num_cpus=num_cpus, max_ongoing=max_ongoing, ingress=ingress
+        )
+        serve_replicas(spec, ray_config, host=host, port=port, as_json=as_json, console=err)
+        return
+    if engine != "local":
+        raise ValueError(f"--engine takes local or ray, got {engine!r}")
     sock = bind_socket(host, port)  # bound before the model warms up: the ready line names the real port
     bound = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
@@ -400,7 +427,7 @@ def serve(
         else:
             err.print(f"serving {model} at {ready['url']} (max batch {worker.max_batch})", highlight=False)
 
-    app_ = create_app(encoders, config, on_ready=announce)
+    app_ = spec.build(on_ready=announce)
     server = _draining_server()(uvicorn.Config(app_, log_level="warning", timeout_graceful_shutdown=30))
     server.run(sockets=[sock])
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from vitedge.scale.cluster import check_fits, connected
 from vitedge.scale.table import FeatureTable
 from vitedge.scale.worker import EncodeJob, EncoderWorker, decode_files, encode_decoded
 
@@ -30,7 +30,6 @@ __all__ = ["ENGINES", "RayConfig", "list_inputs", "run_bulk"]
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
-LOOPBACK = "127.0.0.1"
 Batch = dict[str, np.ndarray]
 
 
@@ -239,27 +238,10 @@ def _ray_batches(
 
     if not files:
         return
-    started = False
-    if not ray.is_initialized():
-        if config.address is None:
-            ray.init(
-                num_cpus=config.num_cpus or os.cpu_count() or 1,
-                include_dashboard=False,
-                log_to_driver=False,
-                _node_ip_address=LOOPBACK,  # a cluster of this job only: nothing listens beyond loopback
-            )
-        else:
-            ray.init(address=config.address, log_to_driver=False)
-        started = True
-    try:
+    with connected(config.address, num_cpus=config.num_cpus) as cpus:
         ray.data.DataContext.get_current().enable_progress_bars = config.show_progress
-        cpus = ray.cluster_resources().get("CPU", 1.0)
         actors = config.actors or max(1, int(cpus // job.threads))
-        if actors * job.threads > cpus:
-            raise ValueError(
-                f"{actors} actors x {job.threads} threads need {actors * job.threads} CPUs; the cluster has "
-                f"{cpus:g} (lower --actors or --threads)"
-            )
+        check_fits(actors, job.threads, cpus, what="actors", flag="--actors")
         log.info("ray: %d encoder actors x %d threads on %g CPUs", actors, job.threads, cpus)
         items = [{"path": str(p)} for p in files]
         ds: ray.data.Dataset = ray.data.from_items(
@@ -282,6 +264,3 @@ def _ray_batches(
             num_cpus=job.threads,
         )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-    finally:
-        if started:
-            ray.shutdown()

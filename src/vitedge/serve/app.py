@@ -62,6 +62,7 @@ class ServeConfig:
     auto_batch: bool = False  # cap batches at the warm-up's sweet spot within batcher.max_batch
     memory_budget: int | str | None = None  # with auto_batch: also within the memory planner's limit
     sweep_seconds: float = 20.0  # the warm-up sweep's time budget
+    replica: str | None = None  # named in every answer's X-Replica header (one of several replicas)
 
 
 class HttpError(Exception):
@@ -345,6 +346,8 @@ def create_app(
             response = answer(request, result, headers)
         except Exception as e:
             response = _error(e)
+        if config.replica is not None:
+            response.headers["X-Replica"] = config.replica
         requests_total.labels(route, str(response.status_code)).inc()
         latency.labels(route).observe(time.perf_counter() - start)
         if response.status_code == 200:
@@ -389,6 +392,8 @@ def create_app(
     def readyz() -> Response:
         ready = bool(state["ready"])
         body = {"ready": ready, "model": default.model_id, "max_batch": worker.max_batch}
+        if config.replica is not None:
+            body["replica"] = config.replica
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")

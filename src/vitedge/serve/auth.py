@@ -46,23 +46,36 @@ class KeyRing:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"API key file {path} does not exist")
+        return cls.from_lines(path.read_text().splitlines(), source=f"API key file {path}")
+
+    @classmethod
+    def from_lines(cls, lines: list[str], *, source: str = "the key list") -> KeyRing:
+        """Parse the lines of a key file (what :meth:`lines` writes back).
+
+        Raises:
+            ValueError: no key, or a line is not a hashed key.
+        """
         digests: list[bytes] = []
         labels: list[str] = []
-        for number, raw in enumerate(path.read_text().splitlines(), 1):
+        for number, raw in enumerate(lines, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
             match = _LINE.match(line)
             if match is None:
                 raise ValueError(
-                    f"line {number} of {path} is not a hashed key: store 'sha256:<64 hex digits> [label]', "
+                    f"line {number} of {source} is not a hashed key: store 'sha256:<64 hex digits> [label]', "
                     'the SHA-256 of the key (printf %s "$KEY" | sha256sum), never the key itself'
                 )
             digests.append(bytes.fromhex(match.group(1)))
             labels.append(match.group(2) or f"key{len(labels) + 1}")
         if not digests:
-            raise ValueError(f"API key file {path} holds no key")
+            raise ValueError(f"{source} holds no key")
         return cls(tuple(digests), tuple(labels))
+
+    def lines(self) -> list[str]:
+        """The hashed keys as key-file lines (to hand to another process; no key is in them)."""
+        return [f"sha256:{d.hex()} {label}" for d, label in zip(self.digests, self.labels, strict=True)]
 
     def check(self, presented: str | None) -> str | None:
         """The label of the key ``presented`` matches, or None; the same work whatever matches."""

@@ -45,6 +45,7 @@ class Encoded:
     cache: str  # the tier that answered, "miss", or "off"
     queue_ms: float
     compute_ms: float
+    replica: str | None = None  # the replica that answered, where several serve (--engine ray)
 
 
 def image_bytes(image: Image) -> bytes:
@@ -160,6 +161,7 @@ class Client:
             cache=r.headers.get("x-cache", "off"),
             queue_ms=float(r.headers.get("x-queue-ms", 0)),
             compute_ms=float(r.headers.get("x-compute-ms", 0)),
+            replica=r.headers.get("x-replica"),
         )
 
     def classify(
