@@ -144,3 +144,19 @@ def uvicorn_on_loopback(app):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def process_titles() -> list[tuple[int, str]]:
+    """(pid, command line) of every process (Ray titles its workers ``ray::...``)."""
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                out.append((int(entry), f.read().replace(b"\0", b" ").decode(errors="replace")))
+        except OSError:
+            continue
+    return out

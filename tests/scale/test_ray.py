@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from support import process_titles
 from vitedge.cli import app
 from vitedge.scale import EncodeJob, RayConfig, read_features, run_bulk
 
@@ -40,18 +41,7 @@ def local_table(tmp_path_factory, photo_dir):
 
 def _node_pids(class_name: str) -> list[int]:
     """PIDs of the Ray worker processes whose title names ``class_name`` (Ray titles them ``ray::...``)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if title.startswith("ray::") and class_name in title:
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, title in process_titles() if title.startswith("ray::") and class_name in title]
 
 
 def test_two_nodes_share_a_job_and_match_the_local_engine(tmp_path, photo_dir, local_table):

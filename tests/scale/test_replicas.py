@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from redis_support import start_redis, stop
+from support import process_titles
 from vitedge.data import build_transform, decode_image_bytes, to_uint8_tensor
 from vitedge.models import load
 from vitedge.serve import Client, ServiceError
@@ -32,28 +33,14 @@ pytestmark = pytest.mark.slow
 MAX_ONGOING = 6  # requests a replica holds at once: the most a replica's death may fail
 
 
-def _titles() -> list[tuple[int, str]]:
-    """(pid, command line) of every process."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                out.append((int(entry), f.read().replace(b"\0", b" ").decode(errors="replace")))
-        except OSError:
-            continue
-    return out
-
-
 def _replica_pids() -> list[int]:
     """PIDs of the vitedge app's Ray Serve replica processes (titled ``ray::ServeReplica:vitedge:...``)."""
-    return [pid for pid, title in _titles() if title.startswith("ray::ServeReplica:vitedge")]
+    return [pid for pid, title in process_titles() if title.startswith("ray::ServeReplica:vitedge")]
 
 
 def _cluster_pids() -> list[int]:
     """PIDs of what a local Ray Serve cluster runs: Ray's processes and Ray Serve's HAProxy."""
-    return [p for p, t in _titles() if t.startswith("ray::") or "raylet" in t or "haproxy" in t]
+    return [p for p, t in process_titles() if t.startswith("ray::") or "raylet" in t or "haproxy" in t]
 
 
 def _serve(*args: str) -> subprocess.Popen:
