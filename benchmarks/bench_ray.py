@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ray.py --model timm:deit_tiny_patch16_224 --data imagenet-sample --json
     python benchmarks/bench_ray.py --model cifar-vit --data cifar10 --json
+    python benchmarks/bench_ray.py --model timm:deit_tiny_patch16_224 --data video --segment-frames 128 --json
 
 It starts a local Ray cluster on loopback (``--num-cpus``, default this machine's cores) and keeps it for the
 whole run, then encodes the data ``--rounds`` times with each engine, alternating (local, ray, local, ray...),
@@ -9,11 +10,13 @@ every time into a fresh Parquet table with the feature cache off (no hits). Both
 ``vitedge.scale.run_bulk`` that ``vitedge encode --out`` runs. Throughput is steady state: the inputs after
 the first batch came back over the time after it, so model loading, actor start and the first (warm-up)
 batch are left out of both and reported apart as ``startup_s`` (with the cluster's own start). ``cifar10``
-is the CIFAR-10 test set's 10,000 JPEGs, unpacked to a temporary folder.
+is the CIFAR-10 test set's 10,000 JPEGs, unpacked to a temporary folder; ``video`` the two sample videos
+(1,065 frames), every ``--frame-step``-th frame encoded, cut at keyframes into ``--segment-frames`` segments.
 
-With ``--redis``, it also measures the shared tier the scaling model in ``docs/scale.md`` rests on: a
-``redis-server`` on a free loopback port, one client writing then reading features of three sizes through
-vitedge's Redis tier (verified and decoded, as a worker would): ``redis`` holds ops/s and MB/s per size.
+With ``--redis`` (or ``--redis-only``, which skips the encoding), it also measures the shared tier the
+scaling model in ``docs/scale.md`` rests on: a ``redis-server`` on a free loopback port, one client writing
+then reading features of three sizes through vitedge's Redis tier (verified and decoded, as a worker would),
+and the server's own ceiling with 16 ``redis-benchmark`` clients: ``redis`` holds ops/s and MB/s per size.
 
 Prints one JSON object: ``ray_images_per_s`` and ``local_images_per_s`` (medians over rounds),
 ``throughput_ratio`` (ray / local, from the medians) with ``ratio_low`` / ``ratio_high`` (the lowest and
@@ -38,9 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepare_data(data: str, scratch: Path, limit: int | None) -> list[str]:
-    """The inputs: ``imagenet-sample``, ``cifar10`` (its test JPEGs unpacked into ``scratch``) or a folder."""
+    """The inputs: ``imagenet-sample``, ``cifar10`` (its test JPEGs unpacked into ``scratch``), ``video``
+    (the sample videos) or a folder."""
     from vitedge.paths import data_root
 
+    if data == "video":
+        return [str(p) for p in sorted((data_root() / "video").glob("*.avi"))]
     if data != "cifar10":
         return [data]
     folder = scratch / "cifar10-test"
@@ -52,11 +58,11 @@ def prepare_data(data: str, scratch: Path, limit: int | None) -> list[str]:
 
 
 def one_round(
-    job: Any, inputs: list[str], out: Path, engine: str, ray_config: Any, limit: int | None
+    job: Any, inputs: list[str], out: Path, engine: str, ray_config: Any, limit: int | None, video: Any
 ) -> dict:
     from vitedge.scale import run_bulk
 
-    result = run_bulk(job, inputs, out=out, engine=engine, ray=ray_config, limit=limit)
+    result = run_bulk(job, inputs, out=out, engine=engine, ray=ray_config, limit=limit, video=video)
     out.unlink()
     return result
 
@@ -108,7 +114,7 @@ def redis_throughput(ops: int = 2000) -> dict[str, dict[str, float]]:
                         "put_ops_per_s": ops / put_s,
                         "get_ops_per_s": ops / get_s,
                         "get_mb_per_s": ops * value_bytes / get_s / 1e6,
-                        **server_ceiling(port, value_bytes, requests=ops * 2),
+                        **server_ceiling(port, value_bytes, requests=20_000),
                     }
         finally:
             proc.terminate()
@@ -137,7 +143,11 @@ def server_ceiling(port: int, value_bytes: int, *, requests: int, clients: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="timm:deit_tiny_patch16_224")
-    parser.add_argument("--data", default="imagenet-sample", help="imagenet-sample, cifar10 or a folder")
+    parser.add_argument(
+        "--data", default="imagenet-sample", help="imagenet-sample, cifar10, video or a folder"
+    )
+    parser.add_argument("--frame-step", type=int, default=1, help="videos: encode every N-th frame")
+    parser.add_argument("--segment-frames", type=int, default=256, help="videos: ~N frames per segment")
     parser.add_argument("-O", "--opt", action="append", default=[], help="an -O option (repeatable)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads, local and per Ray actor")
@@ -150,20 +160,26 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs per engine, alternating")
     parser.add_argument("--limit", type=int, default=None, help="the first N inputs only")
     parser.add_argument("--redis", action="store_true", help="also measure the Redis tier's throughput")
+    parser.add_argument("--redis-only", action="store_true", help="measure only the Redis tier")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.redis_only:
+        redis = redis_throughput()
+        print(json.dumps({"redis": redis}) if args.json else json.dumps(redis, indent=1))
+        return
 
     import ray
 
-    from vitedge.scale import EncodeJob, RayConfig
+    from vitedge.scale import EncodeJob, RayConfig, VideoConfig
 
     job = EncodeJob(
         model=args.model, opts=tuple(args.opt), cache="none", batch=args.batch, threads=args.threads
     )
     num_cpus = args.num_cpus or os.cpu_count() or 1
     ray_config = RayConfig(actors=args.actors, show_progress=False)
+    video = VideoConfig(frame_step=args.frame_step, segment_frames=args.segment_frames)
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         scratch = Path(tmp)
         inputs = prepare_data(args.data, scratch, args.limit)
@@ -175,10 +191,12 @@ def main() -> None:
         try:
             local, remote = [], []
             for r in range(args.rounds):
-                local.append(one_round(job, inputs, scratch / f"local{r}.parquet", "local", None, args.limit))
+                local.append(
+                    one_round(job, inputs, scratch / f"local{r}.parquet", "local", None, args.limit, video)
+                )
                 print(f"round {r}: local {local[-1]['steady_images_per_s']:.1f} img/s", file=sys.stderr)
                 remote.append(
-                    one_round(job, inputs, scratch / f"ray{r}.parquet", "ray", ray_config, args.limit)
+                    one_round(job, inputs, scratch / f"ray{r}.parquet", "ray", ray_config, args.limit, video)
                 )
                 print(f"round {r}: ray {remote[-1]['steady_images_per_s']:.1f} img/s", file=sys.stderr)
         finally:
@@ -203,6 +221,10 @@ def main() -> None:
         "ratio_high": max(ratios),
         "round_ratios": ratios,
         "inputs": first["images"],
+        "videos": first["videos"],
+        "segments": first["segments"],
+        "frame_step": args.frame_step,
+        "segment_frames": args.segment_frames,
         "rows": first["rows"],
         "errors": len(first["errors"]),
         "nodes": len(first["nodes"]),

@@ -37,7 +37,9 @@ def encode_(
     model: ModelArg,
     inputs: Annotated[
         list[str],
-        typer.Argument(help="folders of images (recursive), image files, or imagenet-sample"),
+        typer.Argument(
+            help="folders of images (recursive), image files, or imagenet-sample; with --out also videos"
+        ),
     ],
     cache: Annotated[
         str, typer.Option("--cache", help="tiers fastest first: memory,disk,redis,redis-cluster; or none")
@@ -74,12 +76,22 @@ def encode_(
     num_cpus: Annotated[
         int | None, typer.Option("--num-cpus", help="CPUs of the local Ray cluster it starts", min=1)
     ] = None,
+    frame_step: Annotated[
+        int, typer.Option("--frame-step", help="videos (with --out): encode every N-th frame", min=1)
+    ] = 1,
+    segment_frames: Annotated[
+        int,
+        typer.Option(
+            "--segment-frames", help="videos (with --out): cut at keyframes into ~N-frame segments", min=1
+        ),
+    ] = 256,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode images through the feature cache (with an -O stack); print the hit rate and the time saved.
     Files that cannot be read are reported (JSON ``errors``) and the rest encoded. With ``--out`` the
     features go to a Parquet table (key, path, shape, feature), in this process or with ``--engine ray`` on a
-    Ray cluster; a rerun skips what the table holds."""
+    Ray cluster; a rerun skips what the table holds. Videos are rows ``FILE#frame=N``, decoded in segments
+    that start at keyframes, so one long file spreads over the workers."""
     from vitedge.commands import _progress
 
     if out is not None or engine != "local":
@@ -87,8 +99,13 @@ def encode_(
             model, inputs, out=out, engine=engine, cache=cache, value_format=value_format, batch=batch,
             limit=limit, cache_dir=cache_dir, opt=opt, weights=weights, max_pixels=max_pixels,
             threads=threads, ray_args=(address, actors, num_cpus), as_json=as_json,
+            video=(frame_step, segment_frames),
         )  # fmt: skip
         return
+    if (frame_step, segment_frames) != (1, 256):
+        raise ValueError(
+            "--frame-step and --segment-frames encode videos into a table: give --out FILE.parquet"
+        )
     if len(inputs) != 1:
         raise ValueError(
             "without --out, encode takes one folder (or imagenet-sample); give --out to encode several"
@@ -136,12 +153,13 @@ def _encode_table(
     out: Path | None,
     engine: str,
     ray_args: tuple[str | None, int | None, int | None],
+    video: tuple[int, int],
     as_json: bool,
     **settings: Any,
 ) -> None:
     """``encode --out FILE.parquet [--engine ray]``: a bulk job into a feature table."""
     from vitedge.commands import _progress
-    from vitedge.scale import EncodeJob, RayConfig, run_bulk
+    from vitedge.scale import EncodeJob, RayConfig, VideoConfig, run_bulk
 
     if out is None:
         raise ValueError(f"--engine {engine} writes a feature table: give --out FILE.parquet")
@@ -171,6 +189,7 @@ def _encode_table(
             out=out,
             engine=engine,
             ray=ray,
+            video=VideoConfig(frame_step=video[0], segment_frames=video[1]),
             limit=settings["limit"],
             progress=lambda n, total: progress.update(task, completed=n, total=total),
         )
@@ -178,7 +197,9 @@ def _encode_table(
         result,
         as_json,
         lambda r: err.print(
-            f"{r['encoded']} of {r['images']} images encoded ({r['skipped']} already in {r['out']}, "
+            f"{r['encoded']} of {r['images']} images encoded"
+            + (f" ({r['frames']} frames of {r['videos']} videos)" if r["videos"] else "")
+            + f" ({r['skipped']} already in {r['out']}, "
             f"{r['rows']} rows now), hit rate {r['hit_rate']:.1%}, {r['time_s']:.2f} s" + _skipped(r),
             highlight=False,
         ),

@@ -11,10 +11,23 @@ from typer.testing import CliRunner
 
 import vitedge
 from vitedge.cli import app
+from vitedge.data.video import iter_frames
 from vitedge.models import load
-from vitedge.scale import EncodeJob, RayConfig, list_inputs, read_features, run_bulk
+from vitedge.paths import data_root
+from vitedge.scale import (
+    EncodeJob,
+    FeatureTable,
+    RayConfig,
+    VideoConfig,
+    list_inputs,
+    read_features,
+    run_bulk,
+)
 
 runner = CliRunner()
+MEGAMIND = (data_root() / "video" / "Megamind.avi").resolve()
+# 30 frames (every 9th of 270) in 5 keyframe segments
+VIDEO = VideoConfig(frame_step=9, segment_frames=60)
 
 
 def test_local_job_writes_every_good_input_once_and_reports_the_bad(tmp_path, photo_dir):
@@ -107,4 +120,59 @@ def test_cli_refuses_bad_combinations(photo_dir, extra, message):
 
 def test_cli_without_out_takes_one_folder(photo_dir):
     res = runner.invoke(app, ["encode", "cifar-vit", str(photo_dir), str(photo_dir), "--cache", "memory"])
+    assert res.exit_code == 2 and "give --out" in res.output
+
+
+def test_video_frames_become_rows_equal_to_encoding_the_frames(tmp_path, photo_dir):
+    out = tmp_path / "f.parquet"
+    job = EncodeJob(model="cifar-vit", cache="none", batch=8)
+    result = run_bulk(job, [photo_dir, MEGAMIND], out=out, video=VIDEO)
+    assert (result["videos"], result["frames"], result["segments"]) == (1, 30, 5)
+    assert result["images"] == 13 + 30 and result["encoded"] == 12 + 30 and result["inputs"] == 14
+    _keys, paths, feats, _ = read_features(out)
+    frames = {p: f for p, f in zip(paths, feats, strict=True) if "#frame=" in p}
+    names = [f"{MEGAMIND}#frame={n}" for n in range(0, 270, 9)]
+    assert sorted(frames) == sorted(names)
+    # the oracle: OpenCV decodes the whole file, and the model encodes those frames directly
+    oracle = vitedge.encode(list(iter_frames(MEGAMIND, step=9)), load("cifar-vit"), cache=None)
+    got = torch.from_numpy(np.stack([frames[n] for n in names]))
+    torch.testing.assert_close(got, oracle, atol=1e-5, rtol=1e-5)
+
+
+def test_a_video_job_resumes_inside_a_segment(tmp_path):
+    job = EncodeJob(model="cifar-vit", cache="none", batch=4)
+    full = tmp_path / "full.parquet"
+    run_bulk(job, [MEGAMIND], out=full, video=VIDEO)
+    keys, paths, feats, meta = read_features(full)
+    # a job that died after writing every other frame: its parts hold 15 of the 30 rows, cutting segments
+    out = tmp_path / "resumed.parquet"
+    table = FeatureTable(out, namespace=meta["namespace"])
+    table.write_part(list(keys[::2]), list(paths[::2]), feats[::2])
+    again = run_bulk(job, [MEGAMIND], out=out, video=VIDEO)
+    assert again["skipped"] == 15 and again["misses"] == 15 and again["rows"] == 30
+    resumed = dict(zip(read_features(out)[1], read_features(out)[2], strict=True))
+    for p, f in zip(paths, feats, strict=True):
+        np.testing.assert_array_equal(resumed[p], f)
+
+
+def test_a_broken_video_is_an_error_row_and_the_job_finishes(tmp_path, photo_dir):
+    fake = tmp_path / "clip.mp4"
+    fake.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"junk" * 100)
+    one = sorted(photo_dir.glob("n*.jpg"))[0]
+    result = run_bulk(EncodeJob(model="cifar-vit", cache="none"), [fake, one], out=tmp_path / "f.parquet")
+    assert result["encoded"] == 1 and result["videos"] == 1
+    assert [e["path"] for e in result["errors"]] == [str(fake.resolve())]
+    assert "cannot be read as a video" in result["errors"][0]["reason"]
+
+
+def test_folders_list_videos_and_video_flags_need_out(tmp_path, photo_dir):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "a.avi").write_bytes(b"x")
+    assert [p.name for p in list_inputs([tmp_path / "v"])] == ["a.avi"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no image or video"):
+        list_inputs([tmp_path / "empty"])
+    with pytest.raises(ValueError, match="--frame-step"):
+        VideoConfig(frame_step=0)
+    res = runner.invoke(app, ["encode", "cifar-vit", str(photo_dir), "--frame-step", "5"])
     assert res.exit_code == 2 and "give --out" in res.output

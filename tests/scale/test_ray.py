@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from support import process_titles
 from vitedge.cli import app
-from vitedge.scale import EncodeJob, RayConfig, read_features, run_bulk
+from vitedge.paths import data_root
+from vitedge.scale import EncodeJob, RayConfig, VideoConfig, read_features, run_bulk
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -23,6 +24,8 @@ LOOPBACK = "127.0.0.1"
 # The two-node cluster listens on another loopback address: ray.init(address=...) rewrites 127.0.0.1 (and
 # localhost) to the machine's network address, where nothing listens; it leaves the rest of 127/8 alone.
 CLUSTER_IP = "127.0.0.2"
+MEGAMIND = (data_root() / "video" / "Megamind.avi").resolve()
+VIDEO = VideoConfig(frame_step=9, segment_frames=60)  # 30 frames in 5 keyframe segments
 
 
 def _sorted(out):
@@ -33,10 +36,16 @@ def _sorted(out):
 
 @pytest.fixture(scope="module")
 def local_table(tmp_path_factory, photo_dir):
-    """The single-process engine's table of the photos: what every Ray run must reproduce."""
+    """The single-process engine's table of the photos and a video's frames: what Ray runs must reproduce."""
     out = tmp_path_factory.mktemp("local") / "local.parquet"
-    run_bulk(EncodeJob(model="cifar-vit", cache="none", batch=4), [photo_dir], out=out)
+    run_bulk(EncodeJob(model="cifar-vit", cache="none", batch=4), [photo_dir, MEGAMIND], out=out, video=VIDEO)
     return _sorted(out)
+
+
+def _photos(table):
+    """The rows of a table that are photos (not video frames)."""
+    keep = [i for i, p in enumerate(table[0]) if "#frame=" not in p]
+    return [table[0][i] for i in keep], table[1][keep]
 
 
 def _node_pids(class_name: str) -> list[int]:
@@ -55,12 +64,14 @@ def test_two_nodes_share_a_job_and_match_the_local_engine(tmp_path, photo_dir, l
         ray.init(address=cluster.address, _node_ip_address=CLUSTER_IP, log_to_driver=False)
         out = tmp_path / "ray.parquet"
         job = EncodeJob(model="cifar-vit", cache="none", batch=2, threads=1)
-        result = run_bulk(job, [photo_dir], out=out, engine="ray", ray=RayConfig(show_progress=False))
+        config = RayConfig(show_progress=False)
+        result = run_bulk(job, [photo_dir, MEGAMIND], out=out, engine="ray", ray=config, video=VIDEO)
     finally:
         ray.shutdown()
         cluster.shutdown()
     assert len(result["nodes"]) == 2, result["nodes"]  # one actor per node, both encoded
-    assert sum(result["nodes"].values()) == 12 and result["rows"] == 12 and len(result["errors"]) == 1
+    assert sum(result["nodes"].values()) == 42 and result["rows"] == 42 and len(result["errors"]) == 1
+    assert result["segments"] == 5  # the video's segments were decoded apart and spread with the photos
     paths, feats = _sorted(out)
     assert paths == local_table[0]
     np.testing.assert_allclose(feats, local_table[1], atol=1e-5, rtol=1e-5)
@@ -87,8 +98,9 @@ def test_a_killed_actor_loses_nothing_and_a_rerun_computes_nothing(tmp_path, pho
         assert killed
         assert result["rows"] == 12 and result["encoded"] >= 12 - result["duplicates_dropped"]
         paths, feats = _sorted(out)
-        assert paths == local_table[0]  # each input exactly once
-        np.testing.assert_allclose(feats, local_table[1], atol=1e-5, rtol=1e-5)
+        photos = _photos(local_table)
+        assert paths == photos[0]  # each input exactly once
+        np.testing.assert_allclose(feats, photos[1], atol=1e-5, rtol=1e-5)
         again = run_bulk(job, [photo_dir], out=out, engine="ray", ray=config)
     finally:
         ray.shutdown()
@@ -106,7 +118,7 @@ def test_cli_ray_engine_starts_and_stops_its_own_cluster(tmp_path, photo_dir, lo
         f"{photo_dir / 'broken.jpg'} is not an image file PIL can read"
     ]
     assert not ray.is_initialized()
-    assert _sorted(out)[0] == local_table[0]
+    assert _sorted(out)[0] == _photos(local_table)[0]
 
 
 def test_too_many_actors_for_the_cluster_is_refused(tmp_path, photo_dir):

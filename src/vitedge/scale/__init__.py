@@ -3,7 +3,7 @@
 ``run_bulk`` is what ``vitedge encode ... --out FILE.parquet`` runs; ``read_features`` reads its table back.
 """
 
-from vitedge.scale.bulk import ENGINES, RayConfig, list_inputs, run_bulk
+from vitedge.scale.bulk import ENGINES, RayConfig, VideoConfig, list_inputs, run_bulk
 from vitedge.scale.table import FeatureTable, read_features
 from vitedge.scale.worker import EncodeJob, EncoderWorker
 
@@ -13,6 +13,7 @@ __all__ = [
     "EncoderWorker",
     "FeatureTable",
     "RayConfig",
+    "VideoConfig",
     "list_inputs",
     "read_features",
     "run_bulk",

@@ -1,8 +1,8 @@
-"""What a bulk-encoding worker does, whoever calls it: decode and preprocess files, then encode them through
-the feature cache.
+"""What a bulk-encoding worker does, whoever calls it: decode and preprocess work units (image files and
+video segments), then encode them through the feature cache.
 
-The local engine calls :func:`decode_files` and :class:`EncoderWorker` in one process, one batch after
-another; the Ray engine (:mod:`vitedge.scale.bulk`) runs :func:`decode_files` in Ray Data tasks and wraps an
+The local engine calls :func:`decode_units` and :class:`EncoderWorker` in one process, one batch after
+another; the Ray engine (:mod:`vitedge.scale.bulk`) runs :func:`decode_units` in Ray Data tasks and wraps an
 :class:`EncoderWorker` in each actor of a pool. Both see the same :class:`EncodeJob`, a plain JSON-able
 record, so a single-process run and a Ray run differ only in who calls these functions. No Ray import here.
 """
@@ -10,7 +10,7 @@ record, so a single-process run and a Ray run differ only in who calls these fun
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,16 @@ import torch
 
 from vitedge.cache.encode import forward_features
 
-__all__ = ["EncodeJob", "EncoderWorker", "decode_files", "encode_decoded"]
+__all__ = [
+    "EncodeJob",
+    "EncoderWorker",
+    "decode_files",
+    "decode_units",
+    "encode_decoded",
+    "frame_name",
+    "image_unit",
+    "segment_unit",
+]
 
 VALUE_FORMATS = ("fp16", "int8")
 
@@ -69,43 +78,153 @@ class EncodeJob:
         return cls(**{**data, "opts": tuple(data.get("opts", ()))})
 
 
+def frame_name(path: str, number: int) -> str:
+    """The ``path`` of video frame ``number`` in a feature table: ``FILE#frame=N``."""
+    return f"{path}#frame={number}"
+
+
+def image_unit(path: str) -> dict[str, Any]:
+    """A work unit of one image file (:func:`decode_units`)."""
+    return {"path": path, "start": -1, "stop": -1, "seek": -1, "wanted": ""}
+
+
+def segment_unit(
+    path: str, start: int, stop: int, seek: int, wanted: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """A work unit of video frames ``[start, stop)`` from the keyframe at ``start`` (its seek timestamp
+    ``seek``); ``wanted`` restricts it to those frame numbers (a resumed job's missing ones)."""
+    return {
+        "path": path,
+        "start": start,
+        "stop": stop,
+        "seek": seek,
+        "wanted": "" if wanted is None else ",".join(map(str, wanted)),
+    }
+
+
+class _Rows:
+    """Decoded rows gathered into batches of ``size``."""
+
+    def __init__(self, preprocess: dict[str, Any], size: int) -> None:
+        from vitedge.data import build_transform
+        from vitedge.models.base import Preprocess
+
+        self.pre = Preprocess.from_json(preprocess)
+        self.transform = build_transform(self.pre)
+        self.size = size
+        self.paths: list[str] = []
+        self.keys: list[str] = []
+        self.errors: list[str] = []
+        self.pixels: list[np.ndarray] = []  # each (C, H, W) float32
+
+    def add(self, path: str, px: torch.Tensor | None = None, error: str = "") -> dict[str, np.ndarray] | None:
+        """Add a decoded image ``px`` (C, H, W) uint8, or an error row; returns a full batch, if any."""
+        from vitedge.cache.keys import content_digest
+
+        self.paths.append(path)
+        if px is None:
+            self.keys.append("")
+            self.errors.append(error or "unreadable")
+            self.pixels.append(np.zeros((self.pre.in_chans, *self.pre.img_size), np.float32))
+        else:
+            self.keys.append(content_digest(px.numpy()))
+            self.errors.append("")
+            self.pixels.append(self.transform.batch(px).numpy())
+        return self.take() if len(self.paths) >= self.size else None
+
+    def take(self) -> dict[str, np.ndarray] | None:
+        if not self.paths:
+            return None
+        out = {
+            "path": np.asarray(self.paths, dtype=object),
+            "key": np.asarray(self.keys, dtype=object),
+            "pixels": np.stack(self.pixels),  # (B, C, H, W)
+            "error": np.asarray(self.errors, dtype=object),
+        }
+        self.paths, self.keys, self.errors, self.pixels = [], [], [], []
+        return out
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def decode_units(
+    units: Sequence[dict[str, Any]],
+    preprocess: dict[str, Any],
+    max_pixels: int | None = None,
+    *,
+    frame_step: int = 1,
+    batch: int = 16,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Decode and preprocess work units (image files and video segments) into batches of ``batch`` rows.
+
+    A file or segment that cannot be read becomes one row with its reason (a segment that fails part way
+    keeps the frames it decoded; its error row is named ``FILE#frames=START-STOP``).
+
+    Args:
+        units: :func:`image_unit` and :func:`segment_unit` records.
+        preprocess: the model's :class:`~vitedge.models.base.Preprocess` as JSON.
+        max_pixels: refuse larger images from their header (default 64 Mpx).
+        frame_step: encode video frames whose number is a multiple of this.
+        batch: rows per yielded batch (the last may be smaller).
+
+    Yields:
+        ``path`` (B,) the file, or ``FILE#frame=N`` for a video frame; ``key`` (B,) content digests of the
+        decoded pixels (the feature cache's key; empty on error); ``pixels`` (B, C, H, W) float32 model
+        inputs (zeros on error); ``error`` (B,) reasons (empty when read).
+    """
+    from vitedge.data import read_image, to_uint8_tensor
+    from vitedge.data.images import DEFAULT_MAX_PIXELS
+    from vitedge.data.segments import decode_segment
+
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    rows = _Rows(preprocess, batch)
+    for unit in units:
+        path, start, stop = str(unit["path"]), int(unit["start"]), int(unit["stop"])
+        if start < 0:  # an image file
+            try:
+                px = to_uint8_tensor(read_image(path, max_pixels=limit))
+            except (ValueError, OSError) as e:  # undecodable, truncated, too large, missing, unreadable
+                full = rows.add(path, error=_reason(e))
+            else:
+                full = rows.add(path, px)
+            if full is not None:
+                yield full
+            continue
+        wanted = frozenset(int(n) for n in str(unit["wanted"]).split(",") if n)
+        frames = decode_segment(
+            path, start, stop, seek_ts=int(unit["seek"]), step=frame_step, wanted=wanted or None
+        )
+        try:
+            for number, rgb in frames:
+                full = rows.add(frame_name(path, number), to_uint8_tensor(rgb))
+                if full is not None:
+                    yield full
+        except (ValueError, OSError) as e:
+            full = rows.add(f"{path}#frames={start}-{stop}", error=_reason(e))
+            if full is not None:
+                yield full
+    last = rows.take()
+    if last is not None:
+        yield last
+
+
 def decode_files(
     paths: Sequence[str], preprocess: dict[str, Any], max_pixels: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Read, decode and preprocess files; a file that cannot be read becomes a row with its reason.
-
-    Args:
-        paths: image files.
-        preprocess: the model's :class:`~vitedge.models.base.Preprocess` as JSON.
-        max_pixels: refuse larger images from their header (default 64 Mpx).
-
-    Returns:
-        ``path`` (B,), ``key`` (B,) content digests of the decoded pixels (the feature cache's key; empty
-        on error), ``pixels`` (B, C, H, W) float32 model inputs (zeros on error) and ``error`` (B,) reasons
-        (empty when the file was read).
-    """
-    from vitedge.cache.keys import content_digest
-    from vitedge.data import build_transform, read_image, to_uint8_tensor
-    from vitedge.data.images import DEFAULT_MAX_PIXELS
-    from vitedge.models.base import Preprocess
-
-    pre = Preprocess.from_json(preprocess)
-    transform = build_transform(pre)
-    pixels = np.zeros((len(paths), pre.in_chans, *pre.img_size), np.float32)  # (B, C, H, W)
-    keys, errors = [""] * len(paths), [""] * len(paths)
-    for i, path in enumerate(paths):
-        try:
-            px = to_uint8_tensor(read_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS))
-        except (ValueError, OSError) as e:  # undecodable, truncated, too large, missing, unreadable
-            errors[i] = str(e).splitlines()[0] or type(e).__name__
-            continue
-        keys[i] = content_digest(px.numpy())
-        pixels[i] = transform.batch(px).numpy()
+    """Read, decode and preprocess image files as one batch (:func:`decode_units` of image units)."""
+    batches = list(
+        decode_units([image_unit(p) for p in paths], preprocess, max_pixels, batch=max(1, len(paths)))
+    )
+    if batches:
+        return batches[0]
+    pre = _Rows(preprocess, 1).pre
     return {
-        "path": np.asarray(paths, dtype=object),
-        "key": np.asarray(keys, dtype=object),
-        "pixels": pixels,
-        "error": np.asarray(errors, dtype=object),
+        "path": np.asarray([], dtype=object),
+        "key": np.asarray([], dtype=object),
+        "pixels": np.zeros((0, pre.in_chans, *pre.img_size), np.float32),
+        "error": np.asarray([], dtype=object),
     }
 
 
