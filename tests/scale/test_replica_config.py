@@ -39,6 +39,7 @@ def test_haproxy_environment_carries_the_timeout_and_is_restored() -> None:
     with ingress_environment("haproxy", 7.2):
         assert os.environ["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"] == "8"  # whole seconds, rounded up
         assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert float(os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) < 30
     assert dict(os.environ) == before
     with ingress_environment("proxy", 7.2):
         assert "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S" not in os.environ

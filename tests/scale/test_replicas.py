@@ -208,8 +208,11 @@ def test_a_killed_replica_fails_at_most_what_it_held(service, photo_dir) -> None
 
 def test_sigterm_stops_the_replicas_and_the_cluster(service) -> None:
     proc, _ready, _ingress = service
+    start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
+    # an idle service stops in seconds (behind HAProxy Ray's default drain window alone took 30 s)
+    assert time.monotonic() - start < 20
     deadline = time.monotonic() + 30
     while _cluster_pids() and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -40,6 +40,7 @@ __all__ = ["APP_NAME", "INGRESSES", "ReplicaConfig", "deploy", "replica_deployme
 
 APP_NAME = "vitedge"
 INGRESSES = ("proxy", "haproxy")
+DRAIN_S = 2.0  # behind HAProxy: how long a stopping replica stays reachable before it refuses connections
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +256,9 @@ def ingress_environment(ingress: str, request_timeout_s: float = 120.0) -> Itera
             # replica accepted but never answered may be replayed on another, not only one never sent
             "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
             "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(math.ceil(request_timeout_s)),
+            # A draining replica stays reachable this long so HAProxy can drop it first (Ray's default 30 s
+            # made every shutdown wait 30 s); HAProxy runs on this node and reloads its list within a second.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
