@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +162,19 @@ def process_titles() -> list[tuple[int, str]]:
         except OSError:
             continue
     return out
+
+
+def start_serve(*args: str, stderr: int | None = subprocess.DEVNULL) -> subprocess.Popen:
+    """``vitedge serve ARGS --port 0 --json`` in a subprocess, stdout piped (its first line is the ready
+    line); ``stderr`` as :class:`subprocess.Popen` takes it (``subprocess.PIPE`` to read errors)."""
+    cmd = [
+        sys.executable,
+        "-c",
+        "from vitedge.cli import main; main()",
+        "serve",
+        *args,
+        "--port",
+        "0",
+        "--json",
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)

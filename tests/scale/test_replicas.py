@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 from redis_support import start_redis, stop
-from support import process_titles
+from support import process_titles, start_serve
 from vitedge.data import build_transform, decode_image_bytes, to_uint8_tensor
 from vitedge.models import load
 from vitedge.serve import Client, ServiceError
@@ -45,17 +44,7 @@ def _cluster_pids() -> list[int]:
 
 
 def _serve(*args: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-c",
-        "from vitedge.cli import main; main()",
-        "serve",
-        *args,
-        "--port",
-        "0",
-        "--json",
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_serve(*args, stderr=subprocess.PIPE)
 
 
 def _ready_line(proc: subprocess.Popen, timeout: float) -> dict:

@@ -8,8 +8,6 @@ import io
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from support import uvicorn_on_loopback
+from support import start_serve, uvicorn_on_loopback
 from vitedge.measure.memory import plan_batch
 from vitedge.models import load
 from vitedge.paths import data_root
@@ -153,20 +151,6 @@ def test_the_python_client() -> None:
         with pytest.raises(ValueError, match="no image file"):
             client.encode("/nonexistent.jpg")
         assert "vitedge_images_total" in client.metrics()
-
-
-def start_serve(*args: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-c",
-        "from vitedge.cli import main; main()",
-        "serve",
-        *args,
-        "--port",
-        "0",
-        "--json",
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
 def test_two_serve_processes_share_features_through_redis(redis_server: str) -> None:
