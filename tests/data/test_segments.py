@@ -10,13 +10,42 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vitedge.data.segments import decode_segment, index_keyframes, plan_segments
+from vitedge.data.segments import _clean_cuts, decode_segment, index_keyframes, plan_segments
 from vitedge.data.video import iter_frames
 from vitedge.paths import data_root
 
 
 def _video(name: str) -> Path:
     return data_root() / "video" / name
+
+
+def make_clip(path: Path, codec: str, *, b_frames: int, frames: int = 60) -> Path:
+    """A 64x64 clip written with PyAV's bundled encoders (keyframe every 12 frames); each frame differs."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        stream.codec_context.gop_size = 12
+        stream.codec_context.max_b_frames = b_frames
+        for i in range(frames):
+            img = np.zeros((64, 64, 3), np.uint8)
+            img[:, :, 0] = (i * 4) % 256
+            img[i % 64, :, 1] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def _all_segments(path: Path, target: int) -> list[tuple[int, np.ndarray]]:
+    index = index_keyframes(path)
+    return [
+        (number, frame)
+        for start, stop in plan_segments(index.keyframes, index.frames, target=target)
+        for number, frame in decode_segment(path, start, stop, seek_ts=index.seek_of(start))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +134,52 @@ def test_bad_files_and_arguments_are_named(tmp_path: Path) -> None:
         index_keyframes(path).seek_of(5)
     with pytest.raises(ValueError, match="start < stop"):
         next(decode_segment(path, 10, 10, seek_ts=-1))
-    with pytest.raises(ValueError, match="promised 300 frames, decoding gave 270"):
+    with pytest.raises(ValueError, match="are 300 packets, decoding gave 270 frames"):
         list(decode_segment(path, 0, 300, seek_ts=-1, step=100))
     with pytest.raises(ValueError, match="segment length"):
         plan_segments((0,), 10, target=0)
     with pytest.raises(ValueError, match="start with frame 0"):
         plan_segments((3,), 10, target=5)
+
+
+def test_clean_cuts_refuse_keyframes_with_leading_pictures() -> None:
+    # decode order of pts: I0 P3 B1 B2 | I4 P7 B5 B6: the second group is closed, a clean cut at packet 4
+    assert _clean_cuts([0, 3, 1, 2, 4, 7, 5, 6]) == {4}
+    # I6 is decoded before B4 and B5, which are shown before it (an open group): no cut there
+    assert _clean_cuts([0, 3, 1, 2, 6, 4, 5, 9, 7, 8]) == set()
+    assert _clean_cuts([0, 1, 2]) == {1, 2}
+    assert _clean_cuts([0, None, 2]) == set()  # unknown order: never cut
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "b_frames"),
+    [
+        ("open.mp4", "mpeg4", 2),  # FFmpeg's MPEG-4 part 2 with B-frames: open groups, leading B-frames
+        ("open.mkv", "mpeg4", 2),
+        ("cut.mpg", "mpeg2video", 0),  # MPEG program stream: seeks land elsewhere, segments count packets
+        ("cut.mkv", "mpeg4", 0),
+    ],
+)
+def test_generated_clips_decode_in_segments_as_a_whole(tmp_path: Path, name, codec, b_frames) -> None:
+    path = make_clip(tmp_path / name, codec, b_frames=b_frames)
+    index = index_keyframes(path)
+    if b_frames:
+        assert index.keyframes == (0,)  # no clean cut: one segment, decoded whole
+    else:
+        assert len(index.keyframes) >= 4
+    got = _all_segments(path, target=12)
+    whole = list(iter_frames(path))
+    assert [n for n, _ in got] == list(range(len(whole)))
+    for number, frame in got:
+        np.testing.assert_array_equal(frame, whole[number], err_msg=f"{name} frame {number}")
+
+
+def test_a_codec_without_decoder_is_named(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.avi", "mpeg4", b_frames=0).read_bytes()
+    assert clip[:4096].count(b"FMP4") >= 1
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(clip[:4096].replace(b"FMP4", b"ZZZZ") + clip[4096:])  # a fourcc nothing decodes
+    with pytest.raises(ValueError, match="no decoder"):
+        index_keyframes(bad)
+    with pytest.raises(ValueError, match="no decoder"):
+        list(decode_segment(bad, 0, 5, seek_ts=-1))

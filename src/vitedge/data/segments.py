@@ -7,19 +7,24 @@ its segment's keyframe and decodes only that segment (:func:`decode_segment`).
 
 A frame's number is its position in the decoder's output, counted from the start of the file: what decoding
 the whole file frame by frame gives (as :func:`vitedge.data.video.iter_frames` does). AVI timestamps can be
-out of order when the stream packs B-frames (the Megamind sample's are), so segments seek by the keyframe
-packet's decode timestamp and count frames as they come out, never trust a frame's ``pts``. Each
-non-empty packet decodes to one frame; a segment that yields fewer frames than that count promised fails
-with an error naming it rather than renumbering frames. Segments assume closed groups of pictures: a
-keyframe's frames do not refer back past it (true of the codecs that keyframes here come from: MJPEG,
-MPEG-4 part 2, and H.264/H.265 IDR frames).
+out of order when the stream packs B-frames (the Megamind sample's are), so frames are never numbered by
+their ``pts``. A keyframe is a place to cut only where it is a clean boundary: every packet before it (in
+the file) shows before it, and it shows before every packet after it. That rules out open groups of
+pictures, whose leading B-frames refer back past the keyframe (FFmpeg's MPEG-4 part 2 and MPEG-2 encoders
+make them when B-frames are on); such keyframes are not cut at, and a video without a clean cut is one
+segment, decoded whole. A segment decodes exactly its own packets, from its keyframe, and flushes the
+decoder: it must give one frame per packet, or it fails with an error naming the frames. Seeking uses the
+keyframe packet's decode timestamp; where the container lands elsewhere (MPEG program streams do), the
+segment reads packets from the start of the file, without decoding them, up to its keyframe.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +45,8 @@ class KeyframeIndex:
 
     Attributes:
         frames: frames in the stream (its non-empty packets).
-        keyframes: frame numbers of the keyframes a decoder can start at (0 always among them).
+        keyframes: frame numbers of the keyframes a segment can start at: 0, and the keyframes that are clean
+            cuts (shown after every frame before them in the file and before every frame after them).
         seek_ts: the decode timestamp of each keyframe's packet, in the stream's time base (what
             :func:`decode_segment` seeks to); -1 for frame 0, which needs no seek.
         width, height: the frame size.
@@ -89,33 +95,67 @@ def index_keyframes(path: str | Path, *, max_pixels: int | None = None) -> Keyfr
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video file {path} does not exist")
-    frames = 0
-    keyframes: list[int] = []
-    seek_ts: list[int] = []
+    keys: list[tuple[int, int]] = []  # (frame number, seek timestamp) of each keyframe packet
+    order: list[int | None] = []  # each packet's pts, in file order
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path} holds no video stream")
             stream = container.streams.video[0]
-            width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+            context = stream.codec_context
+            if context is None:  # PyAV has no decoder for the stream's codec
+                raise ValueError(f"{path}: the bundled FFmpeg has no decoder for this video's codec")
+            width, height = int(context.width), int(context.height)
             if max_pixels is not None and width * height > max_pixels:
                 raise ValueError(
                     f"{path} has {width}x{height} frames, more than the {max_pixels} pixels allowed"
                 )
             fps = float(stream.average_rate) if stream.average_rate else 0.0
             for packet in container.demux(stream):
-                if packet.size == 0:  # the flush packet at the end
+                if packet.size == 0:  # a flush packet, or an empty (dropped-frame) chunk: no frame
                     continue
                 ts = packet.dts if packet.dts is not None else packet.pts
-                if frames == 0 or (packet.is_keyframe and ts is not None):
-                    keyframes.append(frames)
-                    seek_ts.append(-1 if frames == 0 else int(ts))  # type: ignore[arg-type]
-                frames += 1
+                if packet.is_keyframe and ts is not None:
+                    keys.append((len(order), int(ts)))
+                order.append(packet.pts)
     except _av_errors() as e:
         raise ValueError(f"{path} cannot be read as a video: {e}") from None
-    if frames == 0:
+    if not order:
         raise ValueError(f"{path} holds no video frame")
-    return KeyframeIndex(frames, tuple(keyframes), tuple(seek_ts), width, height, fps)
+    clean = _clean_cuts(order)
+    cuts = [(n, ts) for n, ts in keys if n > 0 and n in clean]
+    return KeyframeIndex(
+        len(order),
+        (0, *(n for n, _ in cuts)),
+        (-1, *(ts for _, ts in cuts)),
+        width,
+        height,
+        fps,
+    )
+
+
+def _clean_cuts(pts: list[int | None]) -> set[int]:
+    """Packet positions k where every packet before k is shown before every packet from k on, and packet k
+    is shown first among those (by pts): no leading picture that an open group of pictures would decode
+    from the frames before the cut.
+
+    pts: each packet's presentation timestamp in file order. No cut is clean when a pts is missing or
+    repeated (the order of showing is then unknown).
+    """
+    if any(t is None for t in pts) or len(set(pts)) != len(pts):
+        return set()
+    values = [int(t) for t in pts if t is not None]
+    cuts = set()
+    low_after = [0] * (len(values) + 1)  # low_after[k] = min(values[k:])
+    low_after[-1] = max(values) + 1
+    for k in range(len(values) - 1, -1, -1):
+        low_after[k] = min(values[k], low_after[k + 1])
+    high = values[0]
+    for k in range(1, len(values)):
+        if high < low_after[k] == values[k]:
+            cuts.add(k)
+        high = max(high, values[k])
+    return cuts
 
 
 def plan_segments(keyframes: tuple[int, ...], frames: int, *, target: int) -> list[tuple[int, int]]:
@@ -173,40 +213,82 @@ def decode_segment(
         ``(frame number, RGB uint8 array (H, W, 3))``, in frame order.
 
     Raises:
-        ValueError: bad arguments, the seek lands past the keyframe, or the file ends (or fails to decode)
-            before ``stop`` (the message names the file and the frames).
+        ValueError: bad arguments, no decoder for the codec, or the segment's packets do not decode to one
+            frame each (the message names the file and the frames).
     """
-    import av
-
     if not 0 <= start < stop:
         raise ValueError(f"a segment needs 0 <= start < stop, got {start}, {stop}")
     if step < 1:
         raise ValueError(f"--frame-step must be >= 1, got {step}")
     path = Path(path)
-    number: int | None = None  # the next frame's number, once the keyframe is reached
+    count = stop - start  # packets of the segment, and the frames they must give
+    got = 0
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            if seek_ts >= 0:
-                container.seek(seek_ts, stream=stream, backward=True, any_frame=False)
-            for packet in container.demux(stream):
-                if number is None:
-                    if packet.size == 0:
-                        continue
-                    ts = packet.dts if packet.dts is not None else packet.pts
-                    if seek_ts >= 0 and (ts is None or ts < seek_ts):
-                        continue  # landed on an earlier keyframe: read on to ours without decoding
-                    if seek_ts >= 0 and (ts != seek_ts or not packet.is_keyframe):
-                        raise ValueError(f"seeking to frame {start} landed past its keyframe")
-                    number = start
+        container, stream, packets = _open_at(path, start, seek_ts)
+        with container:
+            context = stream.codec_context
+            fed = 0
+            for packet in packets:
+                if packet.size == 0:  # a flush packet or an empty chunk: no frame of its own
+                    continue
                 for frame in packet.decode():
-                    if number >= stop:
-                        return
-                    if number % step == 0 and (wanted is None or number in wanted):
+                    number, got = start + got, got + 1
+                    if _keep(number, stop, step, wanted):
                         yield number, frame.to_ndarray(format="rgb24")  # (H, W, 3)
-                    number += 1
+                fed += 1
+                if fed == count:
+                    break
+            for frame in context.decode(None):  # flush: the frames the decoder still holds
+                number, got = start + got, got + 1
+                if _keep(number, stop, step, wanted):
+                    yield number, frame.to_ndarray(format="rgb24")
     except _av_errors() as e:
         raise ValueError(f"{path}: decoding frames {start}-{stop} failed: {e}") from None
-    if number is None or number < stop:
-        got = 0 if number is None else number - start
-        raise ValueError(f"{path}: frames {start}-{stop} promised {stop - start} frames, decoding gave {got}")
+    if got != count:
+        raise ValueError(
+            f"{path}: frames {start}-{stop} are {count} packets, decoding gave {got} frames (a keyframe "
+            "that is not a clean cut, or a damaged stream)"
+        )
+
+
+def _keep(number: int, stop: int, step: int, wanted: frozenset[int] | None) -> bool:
+    return number < stop and number % step == 0 and (wanted is None or number in wanted)
+
+
+def _open_at(path: Path, start: int, seek_ts: int) -> tuple[Any, Any, Iterator[Any]]:
+    """Open ``path`` and position it at the keyframe packet of frame ``start``: (container, its video
+    stream, the packets from that keyframe on). Seeks by the keyframe's decode timestamp; where the
+    container lands past it, or on no packet with that timestamp, reads from the start of the file (demux
+    only, no decoding) and counts ``start`` non-empty packets.
+
+    Raises:
+        ValueError: the stream has no decoder, or the file holds fewer packets than ``start``.
+    """
+    import av
+
+    container = av.open(str(path))
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        container.close()
+        raise ValueError(f"{path}: the bundled FFmpeg has no decoder for this video's codec")
+    if seek_ts >= 0:
+        container.seek(seek_ts, stream=stream, backward=True, any_frame=False)
+        packets = container.demux(stream)
+        for packet in packets:
+            if packet.size == 0:
+                continue
+            ts = packet.dts if packet.dts is not None else packet.pts
+            if ts is not None and ts < seek_ts:
+                continue  # landed on an earlier keyframe: read on to ours without decoding
+            if ts == seek_ts and packet.is_keyframe:
+                return container, stream, itertools.chain([packet], packets)
+            break  # landed past it: count from the start instead
+        container.close()
+        container = av.open(str(path))
+        stream = container.streams.video[0]
+    packets = (p for p in container.demux(stream) if p.size)
+    skipped = sum(1 for _ in itertools.islice(packets, start))
+    if skipped < start:
+        container.close()
+        raise ValueError(f"{path} holds {skipped} frames, fewer than the segment's start {start}")
+    return container, stream, packets

@@ -92,7 +92,13 @@ def segment_unit(
     path: str, start: int, stop: int, seek: int, wanted: Sequence[int] | None = None
 ) -> dict[str, Any]:
     """A work unit of video frames ``[start, stop)`` from the keyframe at ``start`` (its seek timestamp
-    ``seek``); ``wanted`` restricts it to those frame numbers (a resumed job's missing ones)."""
+    ``seek``); ``wanted`` restricts it to those frame numbers (a resumed job's missing ones; not empty).
+
+    Raises:
+        ValueError: ``wanted`` is empty (leave such a segment out instead).
+    """
+    if wanted is not None and not wanted:
+        raise ValueError("a segment unit needs at least one wanted frame (or None for all)")
     return {
         "path": path,
         "start": start,
