@@ -311,7 +311,8 @@ class _Tally:
         ]
         self.done += n
         if self.progress:
-            self.progress(self.done, self.total)
+            # a segment failing part way adds an error row the plan did not count
+            self.progress(self.done, max(self.total, self.done))
 
     def steady_rate(self) -> float | None:
         """Inputs per second after the first batch came back (None with fewer than two batches)."""
