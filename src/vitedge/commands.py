@@ -177,16 +177,22 @@ def run_eval(
     return out
 
 
+DATA_TIMING_IMAGES = 64  # real images per timing round with --data (at least one batch)
+
+
 def timing_input(enc: Encoder, batch: int, data: str | None) -> torch.Tensor:
-    """What ``bench`` and ``sweep`` time on: random input, or ``batch`` real images of ``data`` drawn evenly
-    across the whole set (the test sets are stored sorted by class, so this is class-balanced)."""
+    """What ``bench`` and ``sweep`` time on: random input (one batch), or real images of ``data`` drawn
+    evenly across the whole set (the test sets are stored sorted by class, so this is class-balanced):
+    whole batches of at least :data:`DATA_TIMING_IMAGES` images, since a data-dependent technique (early
+    exit) costs what its images make it cost, and one image says nothing about the rest."""
     if data is None:
         return enc.example_input(batch)
     dataset = open_dataset(data, enc.preprocess)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError(f"--data {data} holds no images to time on")
-    picks = np.linspace(0, n - 1, num=batch).round().astype(np.int64) if batch <= n else np.arange(batch) % n
+    total = batch * -(-DATA_TIMING_IMAGES // batch)
+    picks = np.linspace(0, n - 1, num=total).round().astype(np.int64) if total <= n else np.arange(total) % n
     return torch.stack([dataset[int(i)][0] for i in picks])
 
 

@@ -97,9 +97,9 @@ def test_bench_on_real_images_drawn_across_the_set() -> None:
     from vitedge.models import load
 
     enc = load("cifar-vit")
-    x = timing_input(enc, 20, "cifar10")
+    x = timing_input(enc, 20, "cifar10")  # 4 batches of 20: at least 64 images are timed per round
     cifar = open_dataset("cifar10", enc.preprocess)
-    picks = [round(i * (len(cifar) - 1) / 19) for i in range(20)]
+    picks = [round(i * (len(cifar) - 1) / 79) for i in range(80)]
     assert set(cifar.labels[picks].tolist()) == set(range(10))  # stored by class, drawn evenly: every class
     assert torch.equal(x, torch.stack([cifar[i][0] for i in picks]))  # exactly those images, in order
     out = run_json(

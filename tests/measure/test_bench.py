@@ -23,8 +23,23 @@ def test_pairwise_results_carry_their_own_speedup() -> None:
     base_ips, timed = bench_against_baseline(base, {"a": small, "b": base}, x, cfg, progress=seen.append)
     assert seen == ["a", "b"] and set(timed) == {"a", "b"}
     assert base_ips > 0 and all(r.speedup is not None and r.iterations == 2 for r in timed.values())
-    with pytest.raises(ValueError, match=r"differs from config\.batch"):
+    with pytest.raises(ValueError, match=r"not a whole number of 4-image batches"):
         bench({"m": base}, torch.randn(3, 8), cfg)
+
+
+def test_several_batches_are_one_round_timed_per_call() -> None:
+    """Real images for a data-dependent model: every batch runs in each round; times are per call."""
+    calls: list[int] = []
+
+    class Count(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(int(x[0, 0]))
+            return x
+
+    cfg = BenchConfig(batch=2, warmup=0, min_iters=3, max_iters=3, min_seconds=0.0)
+    x = torch.arange(6, dtype=torch.float32).repeat_interleave(8).view(6, 8)
+    (r,) = bench({"m": Count()}, x, cfg)
+    assert calls == [0, 2, 4] * 3 and r.iterations == 3 and r.batch == 2
 
 
 class FakeClock:
