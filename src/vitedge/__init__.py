@@ -62,6 +62,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "LinformerConfig": ("vitedge.attention.linformer", "LinformerConfig"),
     "WindowAttnConfig": ("vitedge.attention.window", "WindowAttnConfig"),
     "WinKernelConfig": ("vitedge.attention.winkernel", "WinKernelConfig"),
+    "ExitConfig": ("vitedge.dynamic.exit", "ExitConfig"),
     "CompileConfig": ("vitedge.runtime.compile", "CompileConfig"),
 }
 
@@ -72,6 +73,7 @@ __all__ = [
     "Composition",
     "Encoder",
     "ExecutionPlan",
+    "ExitConfig",
     "Int4Config",
     "Int8AttnConfig",
     "Int8Config",
@@ -130,6 +132,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from vitedge.compress.quant import Int4Config, Int8Config, Int8WeightOnlyConfig
     from vitedge.compress.sparse import SparseConfig
     from vitedge.compress.structured import StructuredConfig
+    from vitedge.dynamic.exit import ExitConfig
     from vitedge.models import load
     from vitedge.models.base import Encoder, Trace
     from vitedge.models.saved import save

@@ -98,6 +98,7 @@ _TECHNIQUE_MODULES = (
     "vitedge.attention.linformer",
     "vitedge.attention.window",
     "vitedge.attention.winkernel",
+    "vitedge.dynamic.exit",
     "vitedge.runtime.compile",
 )
 _loaded = False

@@ -340,17 +340,34 @@ def train_(
     install: Annotated[
         bool, typer.Option("--install", help="copy the weights into vitedge/models/weights/")
     ] = False,
+    exit_heads: Annotated[
+        str | None,
+        typer.Option(
+            "--exit-heads", help="train exit heads after these blocks (3,5,7) on the frozen model (-O exit)"
+        ),
+    ] = None,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train or distil a model (CIFAR-10 or an ImageFolder), with checkpoints that --resume exactly."""
+    """Train or distil a model (CIFAR-10 or an ImageFolder), with checkpoints that --resume exactly; with
+    --exit-heads, train and calibrate exit heads on the frozen model instead."""
     # Before any import: every local so far is a training option.
     options = {
-        k: v for k, v in locals().items() if k not in ("model", "resume", "install", "threads", "as_json")
+        k: v
+        for k, v in locals().items()
+        if k not in ("model", "resume", "install", "threads", "as_json", "exit_heads")
     }
     import shlex
 
     import torch
+
+    if exit_heads is not None:
+        from vitedge.cli_train import run_exit_heads
+
+        torch.set_num_threads(threads)
+        result = run_exit_heads(model, exit_heads, options, resume=resume, install=install, console=err)
+        emit(result, as_json, lambda r: err.print(r, highlight=False))
+        return
 
     from vitedge.train.run import config_from_options, default_out, resume_config, run_train
 

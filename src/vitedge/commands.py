@@ -174,6 +174,26 @@ def run_eval(
     if configs:
         out["mean_cosine"] = main.mean_cosine
         out["top1_agreement"] = main.top1_agreement
+    variant = models.get(main.name)
+    if configs and isinstance(variant, Encoder):
+        out |= dynamic_report(variant, main.depth)
+    return out
+
+
+def dynamic_report(enc: Encoder, depth: dict[int, int] | None) -> dict[str, Any]:
+    """What a dynamic technique spent: ``mean_depth`` (fraction of blocks run per image), the depth
+    histogram (``depth_blocks``: blocks run -> images) and the exit threshold with its calibration."""
+    from vitedge.dynamic.exit import exit_info
+
+    out: dict[str, Any] = {}
+    info = exit_info(enc)
+    if info is not None:
+        out["exit"] = info
+    if depth:
+        blocks = len(enc.blocks)
+        n = sum(depth.values())
+        out["mean_depth"] = sum(d * c for d, c in depth.items()) / n / blocks
+        out["depth_blocks"] = {str(d): c for d, c in depth.items()}
     return out
 
 

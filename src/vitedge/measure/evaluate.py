@@ -9,7 +9,7 @@ figures also serve models without trained weights (``--reference``), whose accur
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,21 @@ class EvalResult:
     top1_agreement: float | None = None
     top1_holdout: float | None = None
     n_holdout: int = 0
+    depth: dict[int, int] | None = None  # blocks run -> images, for a model whose plan exits early
+
+
+def _forward(model: nn.Module, x: torch.Tensor, depth: dict[int, int]) -> torch.Tensor:
+    """The model's output; a vitedge encoder whose plan records per-image depth (``exit``) counts it."""
+    from vitedge.models.base import Encoder
+
+    plan = getattr(model, "plan", None)
+    if isinstance(model, Encoder) and plan is not None and plan.router is not None:
+        out, trace = model.forward_traced(x, sources=False)
+        if trace.depth is not None:
+            for d, c in zip(*trace.depth.unique(return_counts=True), strict=True):
+                depth[int(d)] = depth.get(int(d), 0) + int(c)
+        return out
+    return model(x)
 
 
 @dataclass
@@ -37,6 +52,7 @@ class _Tally:
     cosine_sum: float = 0.0
     agree: int = 0
     correct1_holdout: int = 0
+    depth: dict[int, int] = field(default_factory=dict)
 
 
 def evaluate(
@@ -71,8 +87,8 @@ def evaluate(
             for x, y in batches:
                 ref_out: torch.Tensor | None = None
                 for name in names:
-                    out = models[name](x).float()  # (B, K)
                     t = tallies[name]
+                    out = _forward(models[name], x, t.depth).float()  # (B, K)
                     k = min(5, out.shape[1])
                     top = out.topk(k, dim=1).indices  # (B, k)
                     hit = top[:, 0] == y  # (B,)
@@ -106,6 +122,7 @@ def evaluate(
                 top1_agreement=None if i == 0 else t.agree / n,
                 top1_holdout=t.correct1_holdout / n_holdout if n_holdout else None,
                 n_holdout=n_holdout,
+                depth=dict(sorted(t.depth.items())) or None,
             )
         )
     return results

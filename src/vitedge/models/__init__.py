@@ -29,6 +29,7 @@ __all__ = [
     "Preprocess",
     "TokenLayout",
     "build_untrained",
+    "bundled_part",
     "load",
     "parse_model_id",
 ]
@@ -59,6 +60,17 @@ def parse_model_id(model_id: str) -> tuple[str, str]:
         f"unknown model id {model_id!r}; use vit4mnist, cifar-resnet, cifar-vit, cifar-swin, timm:<name>, "
         "hf:vit, hf:clip-vision, hf:siglip-vision, hf:<dir>, or a directory written by 'vitedge optimize'"
     )
+
+
+def bundled_part(model_id: str, part: str) -> Path | None:
+    """A trained part shipped beside a project model's weights (``cifar-vit.exits.safetensors`` for
+    ``("cifar-vit", "exits")``), or None where the model has none."""
+    if model_id not in PROJECT_MODELS:
+        return None
+    from vitedge.models.project import weights_dir
+
+    path = weights_dir() / f"{model_id}.{part}.safetensors"
+    return path if path.is_file() else None
 
 
 @contextlib.contextmanager

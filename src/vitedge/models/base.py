@@ -151,6 +151,7 @@ class Trace:
     tokens: Any = None  # the final token state of a token-reducing plan (vitedge.plan.sequence.TokenState)
     window_groups: torch.Tensor | None = None  # (H, W) group ids in the first merging Swin block, image 0
     keep: torch.Tensor | None = None  # (B,) keep rate each image got from a batch router (adaptive)
+    depth: torch.Tensor | None = None  # (B,) blocks each image ran before it left (exit)
 
 
 class Encoder(nn.Module):

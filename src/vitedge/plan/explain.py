@@ -54,6 +54,8 @@ def expected_macs(model: Encoder, x: torch.Tensor) -> float:
         return float(model.arch().macs)
     with torch.inference_mode():
         _, trace = model.forward_traced(x, sources=False)
+    if trace.depth is not None:
+        return exit_macs(model, trace.depth)
     if trace.keep is None:
         return float(model.arch().macs)
     levels = getattr(plan.router, "levels", {})
@@ -63,6 +65,23 @@ def expected_macs(model: Encoder, x: torch.Tensor) -> float:
         view.plan = levels.get(float(keep))
         total += float(view.arch().macs) * int(count)
     return total / len(trace.keep)
+
+
+def exit_macs(model: Encoder, depth: torch.Tensor) -> float:
+    """Mean MACs per image when image i runs ``depth[i]`` blocks and leaves at the exit head after its last
+    block (or at the final head): the cost model's blocks, plus every exit head an image passes through."""
+    spec = model.arch()
+    blocks = [a.macs + m.macs for a, m in _block_layers(spec.layers)]
+    final = sum(x.macs for x in spec.layers if x.kind == "head")
+    always = spec.macs - sum(blocks) - final  # the embedding
+    heads = getattr(model, "exits", None)
+    head_blocks = [] if heads is None else [b + 1 for b in heads.spec.blocks]
+    head_macs = 0 if heads is None else heads.spec.macs()
+    total = 0.0
+    for d in depth.tolist():
+        total += always + sum(blocks[:d]) + head_macs * sum(1 for b in head_blocks if b <= d)
+        total += final if d == len(blocks) else 0  # the final head ran; an exit head answered otherwise
+    return total / max(len(depth), 1)
 
 
 def explain(model: Encoder) -> dict[str, Any]:

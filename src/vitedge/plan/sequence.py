@@ -172,7 +172,7 @@ def run_sequence(
         track_index=opts.track_index,
     )
     for view, steps in zip(encoder.blocks, plan.blocks, strict=True):
-        state = _run_steps(encoder, view, steps, state, trace)
+        state = run_steps(encoder, view, steps, state, trace)
     if trace is not None:
         trace.tokens = state
     if opts.restore and state.source is not None:
@@ -181,9 +181,10 @@ def run_sequence(
     return state.x
 
 
-def _run_steps(
+def run_steps(
     encoder: SequenceEncoder, view: BlockView, steps: BlockPlan, state: TokenState, trace: Trace | None
 ) -> TokenState:
+    """One block under its plan steps: gate, attention kernel, reducer, MLP, exit."""
     kernel = steps.attention
     bind = getattr(kernel, "bind", None)
     if bind is not None:  # a step with model parameters (linformer's projections) takes them now
