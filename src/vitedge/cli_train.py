@@ -47,11 +47,13 @@ def exit_config(model: str, blocks: str, options: dict[str, Any]) -> Any:
 def run_exit_heads(
     model: str, blocks: str, options: dict[str, Any], *, resume: bool, install: bool, console: Console
 ) -> dict[str, Any]:
-    from vitedge.train.exits import install_heads, train_exit_heads
+    from vitedge.train.exits import check_installable, install_heads, train_exit_heads
 
     if resume:
         raise ValueError("--exit-heads runs take minutes and do not resume; run them again")
     config = exit_config(model, blocks, options)
+    if install:
+        check_installable(model)  # before minutes of training, not after
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -5,6 +5,7 @@ The CLI (``cli.py``) only parses options and renders; everything here is callabl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -359,7 +360,8 @@ def run_optimize(
     configs = parse_options(opts or [])
     check_writable(out)  # before the (slow) model loads
     base = load(model_id, weights=weights, img_size=img_size)
-    optimize_(load(model_id, weights=weights, img_size=img_size), *configs)  # fail before writing anything
+    # fail before writing anything; the optimised copy also bundles files its configs read (exit's heads)
+    optimized = optimize_(load(model_id, weights=weights, img_size=img_size), *configs)
     manifest = {
         "vitedge_version": __version__,
         "base": model_id,
@@ -367,8 +369,9 @@ def run_optimize(
         "configs": [config_to_dict(c) for c in configs],
         "name": variant_name(opts or []),
     }
-    write_optimized(out, base, manifest=manifest)
-    return {"model": model_id, "out": str(out), "name": manifest["name"], "configs": manifest["configs"]}
+    write_optimized(out, base, manifest=manifest, configs_from=optimized)
+    saved = json.loads((out / "vitedge.json").read_text())
+    return {"model": model_id, "out": str(out), "name": manifest["name"], "configs": saved["configs"]}
 
 
 def run_explain(

@@ -132,8 +132,9 @@ def test_runs_on_every_classifier_or_refuses(model_id: str) -> None:
         assert base.plan is None and not base.applied
         return
     enc = load(model_id, img_size=base.img_size[0] if model_id.startswith("timm:") else None).eval()
-    with pytest.raises(ValueError, match="no trained exit heads"):
-        vitedge.optimize_(load(model_id), "exit")
+    if bundled_part(model_id, "exits") is None:  # vit4mnist ships heads; timm/HF ids have none
+        with pytest.raises(ValueError, match="no trained exit heads"):
+            vitedge.optimize_(load(model_id), "exit")
     vitedge.optimize_(enc, "exit:threshold=0.0")  # untrained heads: every image leaves at the first head
     x = enc.example_input(3)
     with torch.inference_mode():
@@ -206,17 +207,39 @@ def test_shipped_cifar_heads_keep_the_budget_on_real_images() -> None:
     assert r["exit"]["blocks"] == [3, 4, 5, 6, 7, 8]
 
 
-def test_saved_directory_carries_the_heads(tmp_path: Path) -> None:
-    enc = vitedge.optimize_(load("cifar-vit").eval(), "exit:budget=0.01")
+def test_saved_directory_carries_the_heads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The directory holds the heads file and the threshold: it loads after the original file is gone,
+    with no warning about the skeleton's weights."""
+    import shutil
+
+    heads = tmp_path / "mine.safetensors"
+    shutil.copyfile(bundled_part("cifar-vit", "exits"), heads)  # type: ignore[arg-type]
+    enc = vitedge.optimize_(load("cifar-vit").eval(), f"exit:budget=0.01,heads={heads}")
     with torch.no_grad():
-        for p in enc.exits.parameters():  # a change the shipped file does not have
+        for p in enc.exits.parameters():  # a change the heads file does not have
             p.mul_(1.01)
     vitedge.save(enc, tmp_path / "m")
-    back = vitedge.load(str(tmp_path / "m"))
+    threshold = exit_info(enc)["threshold"]
+    heads.unlink()
+    manifest = json.loads((tmp_path / "m" / "vitedge.json").read_text())
+    assert manifest["configs"][0]["params"]["heads"] == "exits.safetensors"
+    with caplog.at_level("WARNING"):
+        back = vitedge.load(str(tmp_path / "m"))
+    assert not [r for r in caplog.records if "other weights" in r.getMessage()]
     x, _ = cifar_images(8)
     with torch.inference_mode():
         torch.testing.assert_close(back(x), enc(x))
-    assert exit_info(back)["threshold"] == exit_info(enc)["threshold"]
+    assert exit_info(back)["threshold"] == threshold
+
+
+def test_optimize_out_bundles_the_heads(tmp_path: Path) -> None:
+    from vitedge.commands import run_optimize
+
+    r = run_optimize("cifar-vit", opts=["exit:budget=0.02"], out=tmp_path / "o")
+    assert (tmp_path / "o" / "exits.safetensors").is_file()
+    assert r["configs"][0]["params"]["threshold"] == pytest.approx(0.9225, abs=1e-3)
+    back = vitedge.load(str(tmp_path / "o"))
+    assert back.plan is not None and back.plan.router is not None
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -224,30 +247,37 @@ def test_train_exit_heads_writes_calibrated_heads(tmp_path: Path) -> None:
     from vitedge.train.exits import ExitTrainConfig, train_exit_heads
 
     cfg = ExitTrainConfig(
-        model="vit4mnist", blocks=(2, 4), data=str(_mnist_folder(tmp_path)), epochs=1, out=str(tmp_path / "o")
+        model="vit4mnist", blocks=(2, 4), data="mnist", epochs=1, limit=600, eval_limit=300, out=str(tmp_path)
     )
-    r = train_exit_heads(cfg)
+    stages: set[str] = set()
+    r = train_exit_heads(cfg, progress=lambda stage, done, total: stages.add(stage))
+    assert {"features", "heads", "calibration", "test (report only)"} <= stages
     got = load_heads(r["heads"])
     assert got.heads.spec.blocks == (1, 3)
-    assert got.calibration["pred"].shape == (r["calibration_images"], 2)
+    assert r["calibration_images"] == 60 and r["train_images"] == 540
+    assert got.calibration["pred"].shape == (60, 2)
     assert got.meta["weights_digest"] == load("vit4mnist").weights_digest()
+    assert len(r["test"]["head_top1"]) == 2
     enc = vitedge.optimize_(load("vit4mnist"), f"exit:heads={r['heads']}")
     assert enc.plan is not None and enc.plan.router is not None
+    with pytest.raises(ValueError, match=r"after blocks 1\.\.5"):
+        train_exit_heads(ExitTrainConfig(model="vit4mnist", blocks=(6,), data="mnist"))
 
 
-def _mnist_folder(tmp_path: Path) -> Path:
-    """300 MNIST test digits as a <class>/<image> folder (the trainer's user-data path)."""
-    from PIL import Image
+def test_shipped_vit4mnist_heads_on_digits_they_never_saw() -> None:
+    """vit4mnist's heads trained and calibrated on the first 5,000 test digits; 1,000 of the others."""
+    from torch.utils.data import Subset
 
-    from vitedge.data.datasets import MnistTest
+    from vitedge.data import as_tensor_batches, open_dataset
+    from vitedge.measure.evaluate import evaluate
 
-    ds = MnistTest(limit=300)
-    root = tmp_path / "digits"
-    for i in range(len(ds)):
-        img, label = ds.images[i], int(ds.labels[i])
-        (root / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.squeeze()).save(root / str(label) / f"{i}.png")
-    return root
+    base = load("vit4mnist").eval()
+    enc = vitedge.optimize_(load("vit4mnist").eval(), "exit:budget=0.01")
+    ds = Subset(open_dataset("mnist", base.preprocess), range(5000, 6000))
+    b, r = evaluate({"baseline": base, "exit": enc}, as_tensor_batches(ds, 500))
+    assert b.top1 - r.top1 <= 0.01 + 0.01  # the budget plus the sampling error of 1,000 digits
+    assert r.depth is not None
+    assert sum(d * c for d, c in r.depth.items()) / 1000 / 6 < 0.6
 
 
 def test_cli_refuses_options_that_do_not_apply() -> None:

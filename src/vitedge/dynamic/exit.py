@@ -2,7 +2,7 @@
 head is sure enough, and the rest go on as a smaller batch.
 
 Heads (:mod:`vitedge.dynamic.heads`) sit after chosen blocks; they are trained on the frozen backbone by
-``vitedge train MODEL --exit-heads 2,3,4,5,6,7`` (distilled from the model's own final head) and carry their
+``vitedge train MODEL --exit-heads 3,4,5,6,7,8`` (distilled from the model's own final head) and carry their
 calibration records. The threshold is set from ``budget``, the top-1 loss the user allows against the full
 model: on held-out calibration images (never the test set), the lowest threshold whose loss, as a one-sided
 95 % upper bound, stays within the budget, for it and every higher threshold (:func:`calibrate`).
@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 CRITERIA = ("confidence", "entropy")
 Z_95 = 1.6449  # one-sided 95 % normal quantile
 CANDIDATES = 512  # thresholds tried by calibrate
+BUNDLED_HEADS = "exits.safetensors"  # the heads file's name inside a saved model directory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +64,23 @@ class ExitConfig:
             raise ValueError(f"exit:criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"exit:threshold is a score in [0, 1] (1: never exit), got {self.threshold}")
+
+    def bundle(self, model: Encoder, out: Path) -> ExitConfig:
+        """For a saved directory ``out``: the heads file copied into it and the threshold fixed, so the
+        directory loads anywhere with the threshold it was saved with (:mod:`vitedge.models.saved`)."""
+        path = resolve_heads(model, self)
+        if path is None:  # untrained heads: their weights are in the directory, the threshold is given
+            return self
+        shutil.copyfile(path, out / BUNDLED_HEADS)
+        cal = exit_calibration(model, self)
+        threshold = self.threshold if cal is None else cal.threshold
+        return replace(self, heads=BUNDLED_HEADS, threshold=threshold)
+
+    def located(self, root: Path) -> ExitConfig:
+        """A relative ``heads`` path read from a saved directory, resolved against it."""
+        if not self.heads or Path(self.heads).is_absolute():
+            return self
+        return replace(self, heads=str(root / self.heads))
 
 
 # --- calibration (pure) ----------------------------------------------------------------------------
@@ -134,7 +153,7 @@ def _summary(
     at, loss = _outcome(records, criterion, threshold)
     n = loss.numel()
     mean = float(loss.mean())
-    # the variance is floored at 1/n so that a run of zero losses on few images is no proof of safety
+    # 1/n is added to the variance so that a run of zero losses on few images is no proof of safety
     bound = mean + Z_95 * math.sqrt((float(loss.var()) + 1.0 / n) / n)
     ran = torch.tensor([b + 1 for b in blocks] + [depth], dtype=torch.float32)[at]
     counts = torch.bincount(at, minlength=len(blocks) + 1)[: len(blocks)]
@@ -321,7 +340,7 @@ def exit_calibration(model: Encoder, config: ExitConfig) -> Calibration | None:
     if config.threshold is not None:
         return None
     path = resolve_heads(model, config)
-    if path is None:
+    if path is None or not path.is_file():  # untrained heads, or a file gone since it was applied
         return None
     return _cached_calibration(
         str(path.resolve()), path.stat().st_mtime_ns, config.budget, config.criterion, len(model.blocks)
@@ -345,8 +364,9 @@ def _heads_for(model: SequenceEncoder, config: ExitConfig) -> ExitHeads:
     loaded: HeadsFile = load_heads(path)
     check_spec(model, loaded.heads.spec, str(path))
     digest = loaded.meta.get("weights_digest")
-    # on top of other options the weights differ by design (int8, bf16): only a bare model is compared
-    if digest and not model.applied and digest != model.weights_digest():
+    # on top of other options the weights differ by design (int8, bf16), and a saved directory's skeleton
+    # is untrained until its weights load: only a bare trained model is compared
+    if digest and model.info.trained and not model.applied and digest != model.weights_digest():
         log.warning(
             "exit heads %s were trained on other weights than %s's; their calibration may not hold",
             path,

@@ -65,7 +65,7 @@ def parse_model_id(model_id: str) -> tuple[str, str]:
 def bundled_part(model_id: str, part: str) -> Path | None:
     """A trained part shipped beside a project model's weights (``cifar-vit.exits.safetensors`` for
     ``("cifar-vit", "exits")``), or None where the model has none."""
-    if model_id not in PROJECT_MODELS:
+    if model_id not in (*PROJECT_MODELS, "vit4mnist"):
         return None
     from vitedge.models.project import weights_dir
 

@@ -5,6 +5,10 @@ model id, weights, and the technique stack (``DIR/vitedge.json``).
 structured-pruned model fine-tuned to recover accuracy): loading applies those k configs to the base model for
 its shapes, loads the weights over them, then applies the rest. Without it (k = 0) the weights are the
 unmodified base model's and the whole stack is re-applied.
+
+A technique whose config names a file (``exit``'s heads) keeps the directory self-contained: its config's
+``bundle(model, out)`` copies the file in and returns the config the manifest stores (a relative name, the
+values resolved from the file fixed), and ``located(root)`` resolves that name when the directory loads.
 """
 
 from __future__ import annotations
@@ -32,19 +36,31 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"{out} exists and is not a vitedge model directory; choose an empty or new folder")
 
 
+def bundle_configs(model: Encoder, out: Path) -> list[dict[str, Any]]:
+    """``model``'s applied configs as a manifest in ``out`` stores them (files they read copied in)."""
+    from vitedge.api import config_to_dict
+
+    bundle = [c.bundle(model, out) if hasattr(c, "bundle") else c for c in model.applied]
+    return [config_to_dict(c) for c in bundle]
+
+
 def write_optimized(
     out: Path,
     enc: Encoder,
     *,
     manifest: dict[str, Any],
+    configs_from: Encoder | None = None,
 ) -> None:
-    """Write ``enc``'s weights and ``manifest`` (``base``, ``configs``, ``name``, ...; ``format`` is added).
+    """Write ``enc``'s weights and ``manifest`` (``base``, ``configs``, ``name``, ...; ``format`` is added);
+    with ``configs_from``, the manifest's configs are that model's, bundled (:func:`bundle_configs`).
 
     Raises:
         ValueError: ``out`` exists, is not empty and is not a vitedge model directory.
     """
     check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
+    if configs_from is not None:
+        manifest = {**manifest, "configs": bundle_configs(configs_from, out)}
     save_model(enc, str(out / WEIGHTS))
     (out / MANIFEST).write_text(json.dumps({"format": 1, **manifest}, indent=2) + "\n")
 
@@ -79,7 +95,7 @@ def save(encoder: Encoder, out: str | Path) -> Path:
     }
     if source in ("timm", "project"):  # the skeleton is built with this classifier width
         manifest["num_classes"] = encoder.info.num_classes
-    write_optimized(out, encoder, manifest=manifest)
+    write_optimized(out, encoder, manifest=manifest, configs_from=encoder)
     return out
 
 
@@ -93,6 +109,7 @@ def load_optimized(path: Path, manifest: dict[str, Any]) -> Encoder:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the directory is incomplete")
     configs = [config_from_dict(c) for c in manifest.get("configs", [])]
+    configs = [c.located(path) if hasattr(c, "located") else c for c in configs]
     k = manifest.get("weights_after", 0)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(configs):
         raise ValueError(

@@ -38,8 +38,8 @@ def _kernel(enc: Encoder, block: Any, tokens: int, windowed: bool) -> str:
         return _label(block.attention) or "attention step"
     if block is not None and block.window is not None:
         return str(getattr(block.window, "kernel", "window step"))
-    if enc.plan is not None and enc.plan.router is not None:
-        return "per group"  # the router runs each part of a batch with its own plan
+    if enc.plan is not None and getattr(enc.plan.router, "levels", None) is not None:
+        return "per group"  # adaptive's router runs each part of a batch with its own plan
     if enc.plan is None or enc.plan.native_blocks or windowed:
         return "native"  # the wrapped library's own attention module
     # vitedge's loop picks by length on CPU (and by the size of the scores; fused SDPA on accelerators)

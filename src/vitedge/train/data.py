@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitedge.data import Cifar10, ImageFolder
+from vitedge.data import Cifar10, ImageFolder, MnistTest
 from vitedge.data.images import build_transform, convert_channels
 from vitedge.models.base import Preprocess
 
@@ -73,8 +73,10 @@ def load_train_data(data: str, pre: Preprocess, *, limit: int | None, eval_limit
     """Decode the training and test images once, at the model's input size.
 
     Args:
-        data: ``cifar10`` or a folder: with ``train/`` and ``val/`` (or ``test/``) sub-folders those are the
-            splits; otherwise the whole folder trains and there is no test split.
+        data: ``cifar10``, ``mnist`` (the shipped test digits: the first 5,000 train, the other 5,000
+            evaluate; for models trained elsewhere, such as vit4mnist's exit heads) or a folder: with
+            ``train/`` and ``val/`` (or ``test/``) sub-folders those are the splits; otherwise the whole
+            folder trains and there is no test split.
         pre: the model's preprocessing (input size and channels for folders; CIFAR-10 is 32x32 RGB).
         limit: keep this many training images, spread evenly over the (class-sorted) set.
         eval_limit: likewise for the test split.
@@ -82,6 +84,14 @@ def load_train_data(data: str, pre: Preprocess, *, limit: int | None, eval_limit
     Raises:
         ValueError: an unknown name or a folder with no images; FileNotFoundError: missing data.
     """
+    if data == "mnist":  # only the 10,000 test digits ship: the first half trains, the second evaluates
+        if pre.img_size != (28, 28) or pre.in_chans != 1:
+            raise ValueError(f"mnist is 28x28 greyscale; the model expects {pre.in_chans}x{pre.img_size}")
+        digits = MnistTest()
+        half = len(digits.images) // 2
+        x, y = _from_arrays(digits.images[:half], digits.labels[:half], limit)
+        tx, ty = _from_arrays(digits.images[half:], digits.labels[half:], eval_limit)
+        return TrainData("mnist", digits.classes, x, y, tx, ty)
     if data == "cifar10":
         train, test = Cifar10("train"), Cifar10("test")
         if pre.img_size != train.images.shape[1:3] or pre.in_chans != 3:
@@ -110,7 +120,7 @@ def load_train_data(data: str, pre: Preprocess, *, limit: int | None, eval_limit
 
 def data_classes(data: str) -> int:
     """Number of classes of ``data`` without decoding any image (for building the classifier)."""
-    if data == "cifar10":
+    if data in ("cifar10", "mnist"):
         return 10
     root = Path(data).expanduser()
     if not root.is_dir():

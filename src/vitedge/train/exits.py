@@ -222,6 +222,10 @@ def train_exit_heads(config: ExitTrainConfig, *, progress: Progress | None = Non
     n = len(data.train_images)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     n_cal = max(2, round(n * config.calib_fraction))
+    if n - n_cal < 1:
+        raise ValueError(
+            f"{n} training images leave none for the heads after {n_cal} for calibration; give more images"
+        )
     cal, train = order[:n_cal].sort().values, order[n_cal:].sort().values
 
     torch.manual_seed(config.seed)
@@ -291,13 +295,20 @@ def _test_report(
     }
 
 
-def install_heads(model: str, heads: Path) -> str:
-    """Copy a heads file beside a project model's weights (``<model>.exits.safetensors``)."""
+def check_installable(model: str) -> None:
+    """ValueError unless ``model`` ships its heads beside its weights (project models, vit4mnist)."""
     from vitedge.models import PROJECT_MODELS
+
+    shipped = (*PROJECT_MODELS, "vit4mnist")
+    if model not in shipped:
+        raise ValueError(f"--install is for the shipped models {', '.join(shipped)}, not {model}")
+
+
+def install_heads(model: str, heads: Path) -> str:
+    """Copy a heads file beside a shipped model's weights (``<model>.exits.safetensors``)."""
     from vitedge.models.project import weights_dir
 
-    if model not in PROJECT_MODELS:
-        raise ValueError(f"--install is for the project models {', '.join(PROJECT_MODELS)}, not {model}")
+    check_installable(model)
     dst = weights_dir() / f"{model}.exits.safetensors"
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(heads, tmp)
