@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 import vitedge
 from vitedge.api import algorithm_version, config_name
-from vitedge.commands import timing_input
+from vitedge.commands import real_images
 from vitedge.options import parse_options
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "references"
@@ -97,8 +97,8 @@ def case_key(model_id: str, opts: list[str]) -> str:
 
 
 def images(model: vitedge.Encoder, data: str) -> torch.Tensor:
-    """``IMAGES[data]`` images of ``data`` drawn evenly across the set (what ``bench --data`` times on)."""
-    return timing_input(model, IMAGES[data], data)
+    """``IMAGES[data]`` images of ``data`` drawn evenly across the set."""
+    return real_images(model, data, IMAGES[data])
 
 
 def isa() -> str:

@@ -208,12 +208,17 @@ def timing_input(enc: Encoder, batch: int, data: str | None) -> torch.Tensor:
     exit) costs what its images make it cost, and one image says nothing about the rest."""
     if data is None:
         return enc.example_input(batch)
+    return real_images(enc, data, batch * -(-DATA_TIMING_IMAGES // batch))
+
+
+def real_images(enc: Encoder, data: str, count: int) -> torch.Tensor:
+    """``count`` images of ``data`` drawn evenly across the whole set, in set order (repeated when the
+    set is smaller)."""
     dataset = open_dataset(data, enc.preprocess)
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError(f"--data {data} holds no images to time on")
-    total = batch * -(-DATA_TIMING_IMAGES // batch)
-    picks = np.linspace(0, n - 1, num=total).round().astype(np.int64) if total <= n else np.arange(total) % n
+    picks = np.linspace(0, n - 1, num=count).round().astype(np.int64) if count <= n else np.arange(count) % n
     return torch.stack([dataset[int(i)][0] for i in picks])
 
 

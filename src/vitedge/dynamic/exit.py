@@ -205,7 +205,7 @@ class ExitStep:
 
     @property
     def detail(self) -> str:
-        return f"exit head {self.head} ({self.criterion} > {self.threshold:.4g})"
+        return f"exit {self.criterion[:4]}>{self.threshold:.3g}"  # "exit conf>0.951", short for the table
 
     def __call__(self, encoder: SequenceEncoder, state: TokenState, trace: Trace | None) -> TokenState:
         return state

@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--install", action="store_true", help="copy the final weights into vitedge/models/weights/"
     )
+    p.add_argument(
+        "--exit-heads", dest="exit_heads", default=None, help="train exit heads after these blocks (3,5,7)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object on stdout")
     return p
