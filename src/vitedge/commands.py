@@ -91,6 +91,7 @@ def run_profile(
     out["stored_weight_bytes"] = stored
     if any(config_name(c) in ("int8", "int8wo", "int4", "mixed") for c in configs):
         out["weight_bytes"] = stored
+    out |= dynamic_report(enc, None)  # exit: the MACs its calibration images' depths predict
     if counted:
         torch.set_num_threads(threads)
         c = count_flops(enc, enc.example_input(batch))
@@ -183,13 +184,19 @@ def run_eval(
 
 def dynamic_report(enc: Encoder, depth: dict[int, int] | None) -> dict[str, Any]:
     """What a dynamic technique spent: ``mean_depth`` (fraction of blocks run per image), the depth
-    histogram (``depth_blocks``: blocks run -> images) and the exit threshold with its calibration."""
-    from vitedge.dynamic.exit import exit_info
+    histogram (``depth_blocks``: blocks run -> images), the exit threshold with its calibration, and the
+    MACs per image expected from the calibration images' exits (``expected_macs``, against the full
+    model's ``macs``)."""
+    from vitedge.dynamic.exit import exit_calibration_depths, exit_info
+    from vitedge.plan.explain import exit_macs
 
     out: dict[str, Any] = {}
     info = exit_info(enc)
     if info is not None:
         out["exit"] = info
+        depths = exit_calibration_depths(enc)
+        if depths is not None:
+            out["expected_macs"] = exit_macs(enc, depths)
     if depth:
         blocks = len(enc.blocks)
         n = sum(depth.values())

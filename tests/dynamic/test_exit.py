@@ -315,3 +315,16 @@ def test_expected_macs_follow_the_depth_each_image_ran() -> None:
     embed = sum(layer.macs for layer in spec.layers if layer.kind == "embed")
     block = (full - embed - sum(layer.macs for layer in spec.layers if layer.kind == "head")) / 9
     assert expected_macs(first, x) == pytest.approx(embed + 3 * block + head)
+
+
+def test_profile_reports_the_macs_the_calibration_predicts() -> None:
+    from vitedge.commands import run_profile
+
+    full = run_profile("cifar-vit", counted=False)
+    never = run_profile("cifar-vit", opts=["exit:threshold=1.0"], counted=False)
+    head = load_heads(bundled_part("cifar-vit", "exits")).heads.spec.macs()  # type: ignore[arg-type]
+    assert never["expected_macs"] == pytest.approx(full["macs"] + 6 * head)
+    r = run_profile("cifar-vit", opts=["exit:budget=0.01"], counted=False)
+    ratio = r["expected_macs"] / full["macs"]
+    assert r["exit"]["calibration_depth"] < ratio < r["exit"]["calibration_depth"] + 0.02  # + the heads
+    assert "expected_macs" not in full

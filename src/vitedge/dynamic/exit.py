@@ -396,6 +396,26 @@ def _apply_exit(model: Encoder, config: ExitConfig) -> None:
     model.add_module("exits", heads.to(device=ref.device, dtype=ref.dtype))
 
 
+def exit_calibration_depths(model: Encoder) -> torch.Tensor | None:
+    """(N,) blocks each calibration image ran under the model's exit threshold (None: no calibration)."""
+    for config in model.applied:
+        if isinstance(config, ExitConfig):
+            path = resolve_heads(model, config)
+            if path is None or not path.is_file():
+                return None
+            rec = load_heads(path).calibration
+            threshold = config.threshold
+            if threshold is None:
+                cal = exit_calibration(model, config)
+                assert cal is not None
+                threshold = cal.threshold
+            heads: ExitHeads = model.exits  # type: ignore[assignment]
+            at, _ = _outcome(rec, config.criterion, threshold)
+            ran = [b + 1 for b in heads.spec.blocks] + [len(model.blocks)]  # type: ignore[arg-type]
+            return torch.tensor(ran)[at]
+    return None
+
+
 def exit_info(model: Encoder) -> dict[str, Any] | None:
     """The exit step's threshold and calibration figures, for reports (None without ``exit``)."""
     for config in model.applied:
