@@ -37,6 +37,7 @@ from vitedge.scale.worker import (
 __all__ = ["ENGINES", "RayConfig", "VideoConfig", "list_inputs", "plan_units", "run_bulk"]
 
 log = logging.getLogger(__name__)
+ACTOR_START_TIMEOUT_S = 600  # how long a Ray job waits for its encoder actors to start
 ENGINES = ("local", "ray")
 Batch = dict[str, np.ndarray]
 
@@ -373,7 +374,12 @@ def _ray_batches(
     if not units:
         return
     with connected(config.address, num_cpus=config.num_cpus) as cpus:
-        ray.data.DataContext.get_current().enable_progress_bars = config.show_progress
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = config.show_progress
+        # Dispatch only once every encoder actor has loaded its model: otherwise the first actor up takes
+        # a short job whole while the others still start (seen on a loaded two-node run: 42 rows, 1 node).
+        # check_fits has made sure they all fit; a cluster that cannot start them fails after this wait.
+        context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         actors = config.actors or max(1, int(cpus // job.threads))
         check_fits(actors, job.threads, cpus, what="actors", flag="--actors")
         log.info("ray: %d encoder actors x %d threads on %g CPUs", actors, job.threads, cpus)
