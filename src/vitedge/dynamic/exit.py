@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitedge.api import Composition, register
-from vitedge.dynamic.heads import ExitHeads, HeadsFile, HeadsSpec, exit_scores, load_heads, pool_tokens
+from vitedge.dynamic.heads import ExitHeads, HeadsFile, HeadsSpec, exit_score, load_heads, pool_tokens
 from vitedge.models.base import Encoder, SequenceEncoder, Trace
 from vitedge.plan import PlanBuilder
 from vitedge.plan.sequence import TokenState, initial_state, run_steps
@@ -108,7 +108,7 @@ def exit_at(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return first.amin(1)
 
 
-def _outcome(
+def outcome(
     records: dict[str, torch.Tensor], criterion: str, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) exit index and (N,) loss per image (final correct - exit correct, in {-1, 0, 1})."""
@@ -118,6 +118,12 @@ def _outcome(
     chosen = torch.cat([pred, final[:, None]], 1)[torch.arange(n), at]  # (N,)
     loss = (final == label).float() - (chosen == label).float()
     return at, loss
+
+
+def blocks_run(at: torch.Tensor, blocks: tuple[int, ...], depth: int) -> torch.Tensor:
+    """Exit indices (N,) -> (N,) blocks each image ran (exit ``j`` follows 0-based block ``blocks[j]``;
+    index E is the full ``depth``)."""
+    return torch.tensor([b + 1 for b in blocks] + [depth])[at]
 
 
 def calibrate(
@@ -150,12 +156,12 @@ def calibrate(
 def _summary(
     records: dict[str, torch.Tensor], criterion: str, threshold: float, blocks: tuple[int, ...], depth: int
 ) -> Calibration:
-    at, loss = _outcome(records, criterion, threshold)
+    at, loss = outcome(records, criterion, threshold)
     n = loss.numel()
     mean = float(loss.mean())
     # 1/n is added to the variance so that a run of zero losses on few images is no proof of safety
     bound = mean + Z_95 * math.sqrt((float(loss.var()) + 1.0 / n) / n)
-    ran = torch.tensor([b + 1 for b in blocks] + [depth], dtype=torch.float32)[at]
+    ran = blocks_run(at, blocks, depth).float()
     counts = torch.bincount(at, minlength=len(blocks) + 1)[: len(blocks)]
     return Calibration(
         threshold=threshold,
@@ -245,7 +251,7 @@ class ExitRouter:
             if j is None:
                 continue
             logits = heads(j, pool_tokens(state.x, num_cls, state.num_prefix, state.size))  # (B', K)
-            done = exit_scores(logits)[self.criterion] > self.threshold  # (B',)
+            done = exit_score(logits, self.criterion) > self.threshold  # (B',)
             if not bool(done.any()):
                 continue
             if out is None:
@@ -319,11 +325,8 @@ def exit_steps(model: Encoder, config: ExitConfig, plan: PlanBuilder) -> None:
     heads: ExitHeads = model.exits  # type: ignore[assignment]
     threshold = config.threshold
     if threshold is None:
-        path = resolve_heads(model, config)
-        assert path is not None  # the handler refused a budget without heads
-        cal = _cached_calibration(
-            str(path.resolve()), path.stat().st_mtime_ns, config.budget, config.criterion, len(model.blocks)
-        )
+        cal = exit_calibration(model, config)
+        assert cal is not None  # the handler refused a budget without a heads file
         threshold = cal.threshold
     by_block = {blk: j for j, blk in enumerate(heads.spec.blocks)}
     for blk, j in by_block.items():
@@ -410,9 +413,8 @@ def exit_calibration_depths(model: Encoder) -> torch.Tensor | None:
                 assert cal is not None
                 threshold = cal.threshold
             heads: ExitHeads = model.exits  # type: ignore[assignment]
-            at, _ = _outcome(rec, config.criterion, threshold)
-            ran = [b + 1 for b in heads.spec.blocks] + [len(model.blocks)]  # type: ignore[arg-type]
-            return torch.tensor(ran)[at]
+            at, _ = outcome(rec, config.criterion, threshold)
+            return blocks_run(at, heads.spec.blocks, len(model.blocks))
     return None
 
 

@@ -16,6 +16,7 @@ budget can be turned into a threshold wherever the heads are loaded, without the
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,19 @@ def pool_tokens(x: torch.Tensor, num_cls: int, num_prefix: int, size: torch.Tens
     return torch.cat([*x[:, :num_cls].unbind(1), mean], dim=-1)
 
 
-def exit_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """logits (B, K) -> {criterion: (B,) score in [0, 1]}: ``confidence`` (the top softmax probability) and
-    ``entropy`` (1 - H(p) / log K); higher means surer under both."""
+def exit_score(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+    """logits (B, K) -> (B,) score in [0, 1], higher when surer: ``confidence`` (the top softmax
+    probability) or ``entropy`` (1 - H(p) / log K)."""
     p = logits.float().softmax(-1)
+    if criterion == "confidence":
+        return p.amax(-1)
     h = -(p * p.clamp_min(1e-12).log()).sum(-1)
-    k = logits.shape[-1]
-    return {"confidence": p.amax(-1), "entropy": 1.0 - h / torch.log(torch.tensor(float(max(k, 2))))}
+    return 1.0 - h / math.log(max(logits.shape[-1], 2))
+
+
+def exit_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """logits (B, K) -> {criterion: (B,) score} for both criteria (the calibration records)."""
+    return {c: exit_score(logits, c) for c in ("confidence", "entropy")}
 
 
 @dataclass(frozen=True, kw_only=True)

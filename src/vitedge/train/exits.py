@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vitedge.dynamic.exit import calibrate, default_spec, exit_at
+from vitedge.dynamic.exit import blocks_run, calibrate, default_spec, outcome
 from vitedge.dynamic.heads import ExitHeads, HeadsSpec, exit_scores, pool_tokens, save_heads
 from vitedge.models.base import SequenceEncoder
 from vitedge.train.augment import augment_batch, plan_epoch, to_unit
@@ -281,15 +281,14 @@ def _test_report(
     """Per-head accuracy and agreement with the final head, and the calibrated threshold's loss and depth
     on the test split (reported, never used to choose)."""
     label, final, pred = rec["label"], rec["final"], rec["pred"]
-    at = exit_at(rec["confidence"], threshold)
-    chosen = torch.cat([pred, final[:, None]], 1)[torch.arange(len(label)), at]
-    ran = torch.tensor([b + 1 for b in blocks] + [depth], dtype=torch.float32)[at]
+    at, loss = outcome(rec, "confidence", threshold)
+    ran = blocks_run(at, blocks, depth).float()
     return {
         "top1": float((final == label).float().mean()),
         "head_top1": [round(float((p == label).float().mean()), 4) for p in pred.unbind(1)],
         "head_agreement": [round(float((p == final).float().mean()), 4) for p in pred.unbind(1)],
         "budget_0.01": {
-            "loss": float((final == label).float().mean() - (chosen == label).float().mean()),
+            "loss": float(loss.mean()),
             "depth": float(ran.mean()) / depth,
         },
     }
